@@ -1,0 +1,114 @@
+"""Process-group set-up and the collectives the rest of the library stands on.
+
+The trainer never asks where it runs: `init_distributed` reads torchrun variables, then SLURM variables, and
+otherwise runs as one process (gloo on CPU, NCCL on GPU). Everything here also works without a process group,
+so single-process code paths need no special cases.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _env_from_slurm() -> bool:
+    """Export torch.distributed variables from SLURM's when the job was started by srun/sbatch with tasks."""
+    if "SLURM_PROCID" not in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) < 2:
+        return False
+    from submitit.helpers import TorchDistributedEnvironment
+
+    TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    return True
+
+
+def init_distributed(backend: str | None = None) -> DistEnv:
+    """Initialise the default process group if the launcher asked for one; return this process's place in it."""
+    if "RANK" not in os.environ:
+        _env_from_slurm()
+    cuda = torch.cuda.is_available()
+    if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+        if cuda:
+            torch.cuda.set_device(device)
+        if not dist.is_initialized():
+            dist.init_process_group(backend or ("nccl" if cuda else "gloo"))
+        return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, device)
+    device = torch.device("cuda", 0) if cuda else torch.device("cpu")
+    return DistEnv(0, 1, 0, device)
+
+
+def shutdown_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce(tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """In-place all-reduce; a no-op in one process."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=op)
+    return tensor
+
+
+def broadcast_object(obj, src: int = 0):
+    """Rank `src`'s Python object on every rank (e.g. a seed or a path chosen on rank 0)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+class _AllGather(torch.autograd.Function):
+    """All-gather whose backward sums every rank's gradient for each chunk and hands it to the chunk's owner."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        chunks = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(chunks, tensor.contiguous())
+        return tuple(chunks)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor) -> torch.Tensor:
+        grads = [g.contiguous() for g in grads]
+        for g in grads:
+            dist.all_reduce(g)
+        return grads[dist.get_rank()]
+
+
+def all_gather(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's `tensor` (same shape on all ranks), differentiable; `[tensor]` in one process."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [tensor]
+    if tensor.requires_grad:
+        return list(_AllGather.apply(tensor))
+    chunks = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(chunks, tensor.contiguous())
+    return chunks
