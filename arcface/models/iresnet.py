@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from arcface.models.base import Backbone
 from arcface.models.registry import register_backbone
 
 
@@ -34,8 +35,11 @@ class IBasicBlock(nn.Module):
         return out + (x if self.downsample is None else self.downsample(x))
 
 
-class IResNet(nn.Module):
-    """Stem -> four stride-2 stages (112 -> 7) -> BN -> dropout -> Linear -> BatchNorm1d with its scale fixed at 1."""
+class IResNet(Backbone):
+    """Stem -> four stride-2 stages (112 -> 7) -> BN -> dropout -> Linear -> BatchNorm1d with its scale fixed at 1.
+
+    Checkpointing keeps one tensor per IBasicBlock for backward and recomputes the rest.
+    """
 
     def __init__(
         self,
@@ -44,9 +48,10 @@ class IResNet(nn.Module):
         embedding_size: int = 512,
         dropout: float = 0.0,
         precision: str = "fp32",
+        checkpointing: bool = False,
+        channels_last: bool = False,
     ):
-        super().__init__()
-        self.precision = precision
+        super().__init__(precision, checkpointing, channels_last)
         self.conv1 = conv3x3(3, widths[0])
         self.bn1 = nn.BatchNorm2d(widths[0], eps=1e-5)
         self.prelu = nn.PReLU(widths[0])
@@ -64,12 +69,13 @@ class IResNet(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.normal_(m.weight, 0, 0.1)
+        self.finish_init()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.precision)
-        with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
+        x = self.prepare_input(x)
+        with self.trunk_autocast(x):
             x = self.prelu(self.bn1(self.conv1(x)))
-            x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+            x = self.run_blocks([*self.layer1, *self.layer2, *self.layer3, *self.layer4], x)
             x = self.dropout(torch.flatten(self.bn2(x), 1))
         # The embedding layer runs in fp32, as in the reference.
         return self.features(self.fc(x.float()))

@@ -1,0 +1,66 @@
+"""What every backbone family shares: the mixed-precision region, gradient checkpointing and channels_last."""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterable, Iterator
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@contextlib.contextmanager
+def frozen_running_stats(module: nn.Module) -> Iterator[None]:
+    """BatchNorm keeps normalising with batch statistics but leaves its running averages alone.
+
+    A checkpointed block runs its forward twice (once more during backward); without this its BatchNorm layers
+    would fold every batch into their running averages twice and drift from an uncheckpointed run.
+    """
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    for m in norms:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m in norms:
+            m.track_running_stats = True
+
+
+class Backbone(nn.Module):
+    """Base of the families: maps (B,3,112,112) in [-1,1] to (B, embedding_size).
+
+    Subclasses build their layers, call `finish_init()` last, and write `forward` with `self.trunk_autocast(x)`
+    around the trunk and `self.run_blocks(...)` over the repeated blocks; the embedding layers stay in fp32.
+    """
+
+    def __init__(self, precision: str = "fp32", checkpointing: bool = False, channels_last: bool = False):
+        super().__init__()
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+        self.precision = precision
+        self.checkpointing = checkpointing
+        self.channels_last = channels_last
+
+    def finish_init(self) -> None:
+        if self.channels_last:
+            self.to(memory_format=torch.channels_last)
+
+    def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def trunk_autocast(self, x: torch.Tensor) -> contextlib.AbstractContextManager:
+        dtype = PRECISIONS[self.precision]
+        return torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None)
+
+    def run_blocks(self, blocks: Iterable[nn.Module], x: torch.Tensor) -> torch.Tensor:
+        """Apply `blocks` in order; when checkpointing in training, keep only each block's input for backward."""
+        recompute = self.checkpointing and self.training and torch.is_grad_enabled()
+        for block in blocks:
+            if recompute:
+                x = checkpoint(block, x, use_reentrant=False,
+                               context_fn=lambda b=block: (contextlib.nullcontext(), frozen_running_stats(b)))
+            else:
+                x = block(x)
+        return x

@@ -1,0 +1,62 @@
+"""Loading backbone weights: this project's `model.pt`, the reference model zoo's `backbone.pth` / `model.pt`,
+or a DistributedDataParallel state_dict (`module.` prefix)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping
+
+import torch
+import torch.nn as nn
+
+from arcface.errors import UserError
+
+# Training checkpoints of the reference keep the backbone under this key beside the optimizer and FC shard.
+_NESTED_KEYS = ("state_dict_backbone", "state_dict", "backbone")
+_SHOWN = 3  # how many offending keys the error names
+
+
+def _unwrap(state: Mapping) -> dict[str, torch.Tensor]:
+    for key in _NESTED_KEYS:
+        if isinstance(state.get(key), Mapping):
+            state = state[key]
+            break
+    prefix = "module."
+    if state and all(k.startswith(prefix) for k in state):
+        state = {k[len(prefix):]: v for k, v in state.items()}
+    return dict(state)
+
+
+def _first(keys: list[str]) -> str:
+    more = f" (+{len(keys) - _SHOWN} more)" if len(keys) > _SHOWN else ""
+    return ", ".join(keys[:_SHOWN]) + more
+
+
+def load_backbone_weights(model: nn.Module, path_or_state: str | Path | Mapping, backbone_name: str) -> nn.Module:
+    """Load weights into `model` (built as `backbone_name`) with strict key and shape checks.
+
+    A file of another backbone stops with a UserError naming the expected backbone, the file and the first
+    missing / unexpected / mis-shaped keys; nothing is loaded in that case.
+    """
+    source = "the given state_dict"
+    if isinstance(path_or_state, (str, Path)):
+        source = str(path_or_state)
+        try:
+            path_or_state = torch.load(path_or_state, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise UserError(f"backbone weights {source} do not exist: check the path") from None
+    if not isinstance(path_or_state, Mapping):
+        raise UserError(f"{source} holds a {type(path_or_state).__name__}, not a backbone state_dict")
+    state = _unwrap(path_or_state)
+    expected = model.state_dict()
+    # Files written before BatchNorm counted its batches lack num_batches_tracked; torch fills it in.
+    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+              if k in state and state[k].shape != v.shape]
+    problems = [f"{what} keys {_first(keys)}" for what, keys in
+                (("missing", missing), ("unexpected", unexpected), ("mis-shaped (file vs model)", shapes)) if keys]
+    if problems:
+        raise UserError(f"{source} does not fit backbone {backbone_name!r} ({'; '.join(problems)}): "
+                        "choose the backbone (and embedding_size) the weights were trained with")
+    model.load_state_dict(state, strict=True)
+    return model

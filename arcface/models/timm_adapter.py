@@ -1,0 +1,63 @@
+"""Any timm model as a face backbone: its pooled features -> (dropout) -> Linear -> BatchNorm1d embedding.
+
+Registered as the `timm` family, so `create_backbone("convnext_tiny")` (Hydra: `backbone=timm
+backbone.name=convnext_tiny`) builds it; extra keyword arguments go to `timm.create_model`.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from arcface.errors import UserError
+from arcface.models.base import Backbone
+from arcface.models.registry import register_family
+
+
+def _is_timm_model(name: str) -> bool:
+    import timm  # imported on demand: it costs seconds, and most runs use the built-in families
+
+    return timm.is_model(name)
+
+
+class TimmBackbone(Backbone):
+    def __init__(
+        self,
+        model_name: str,
+        embedding_size: int = 512,
+        dropout: float = 0.0,
+        precision: str = "fp32",
+        checkpointing: bool = False,
+        channels_last: bool = False,
+        pretrained: bool = False,
+        img_size: int = 112,
+        **timm_kwargs,
+    ):
+        super().__init__(precision, checkpointing, channels_last)
+        import timm
+
+        # Models whose layers depend on the input size (ViTs, Swin, ...) must be built for 112x112 faces;
+        # convolutional ones pool globally and take any size.
+        if timm.models.get_pretrained_cfg_value(model_name, "fixed_input_size"):
+            timm_kwargs.setdefault("img_size", img_size)
+        self.trunk = timm.create_model(model_name, pretrained=pretrained, num_classes=0, **timm_kwargs)
+        if checkpointing:
+            try:
+                self.trunk.set_grad_checkpointing(True)
+            except (AssertionError, NotImplementedError, AttributeError):
+                raise UserError(f"timm model {model_name!r} has no gradient checkpointing: "
+                                "set backbone.checkpointing=false") from None
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(self.trunk.num_features, embedding_size, bias=False)
+        self.features = nn.BatchNorm1d(embedding_size, eps=2e-5)
+        self.finish_init()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.prepare_input(x)
+        with self.trunk_autocast(x):
+            x = self.trunk(x)
+        return self.features(self.fc(self.dropout(x.float())))
+
+
+@register_family("timm", knows=_is_timm_model)
+def timm_backbone(model_name: str, **kwargs) -> TimmBackbone:
+    return TimmBackbone(model_name, **kwargs)
