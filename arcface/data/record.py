@@ -1,0 +1,70 @@
+"""A face dataset stored as RecordIO (`train.rec` + `train.idx`), in the InsightFace or the plain layout."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from arcface.data.decode import EncodedImageDataset, decode_into, warn_if_resized
+from arcface.data.recordio import RecordReader, first_label, read_layout
+from arcface.errors import UserError
+
+
+class RecordDataset(EncodedImageDataset):
+    """Images and labels of `root/train.rec`, through `root/train.idx`.
+
+    Labels are checked against `num_classes` at start-up: for free from the identity records of the InsightFace
+    layout, or by reading every record header of a plain file (a few bytes each). `loader` names the loader the
+    training should use for it ("torch" or "dali", see `arcface.data.loader.build_loader`).
+    """
+
+    def __init__(self, root: str, num_classes: int, *, rec: str = "train.rec", idx: str = "train.idx",
+                 image_size: int = 112, loader: str = "torch"):
+        if not os.path.isdir(root):
+            raise UserError(f"dataset.root {root} is not a folder: point it at the folder holding {rec} and {idx}.")
+        self.root = root
+        self.num_classes = int(num_classes)
+        self.image_size = image_size
+        self.loader = loader
+        self.reader = RecordReader(os.path.join(root, rec), os.path.join(root, idx))
+        self.layout = read_layout(self.reader)
+        self.keys = self.layout.image_keys
+        if not len(self.keys):
+            raise UserError(f"{self.reader.rec_path} holds no image records: re-pack it with "
+                            f"`python tools/pack_rec.py SRC {root}`.")
+        self._check_classes()
+        warn_if_resized(self._record(0)[3], image_size, self.reader.rec_path)
+
+    def _check_classes(self) -> None:
+        if self.layout.insightface:
+            found, what = self.layout.num_identities, "identity records"
+        else:
+            found, what = int(max(first_label(self.reader.read_header(int(k))) for k in self.keys)) + 1, "labels"
+        if found > self.num_classes:
+            raise UserError(f"{self.reader.rec_path} has {found} classes (from its {what}) but dataset.num_classes="
+                            f"{self.num_classes}: set dataset.num_classes={found}.")
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def _record(self, index: int):
+        """(key, offset, IRHeader, image bytes) of image `index`."""
+        key = int(self.keys[index])
+        offset = self.reader.offset_of(key)
+        payload, _ = self.reader.read_at(offset, key)
+        return (key, offset) + self.reader.unpack_checked(payload, offset, key)
+
+    def load_into(self, index: int, out: np.ndarray) -> int:
+        """Decode image `index` into `out` (uint8 (H, W, 3)) and return its label."""
+        key, offset, header, data = self._record(index)
+        label = int(first_label(header))
+        if not 0 <= label < self.num_classes:
+            raise UserError(f"record {key} at offset {offset} of {self.reader.rec_path} has label {label}, outside "
+                            f"0..{self.num_classes - 1}: set dataset.num_classes to the number of classes in the file.")
+        try:
+            decode_into(data, out)
+        except ValueError as e:
+            raise UserError(f"record {key} at offset {offset} of {self.reader.rec_path} is not a decodable image "
+                            f"({e}); find every bad record with `python tools/inspect_rec.py {self.root}` and "
+                            f"re-pack the file.") from None
+        return label
