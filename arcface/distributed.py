@@ -112,3 +112,56 @@ def all_gather(tensor: torch.Tensor) -> list[torch.Tensor]:
     chunks = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
     dist.all_gather(chunks, tensor.contiguous())
     return chunks
+
+
+def gather_rows(tensor: torch.Tensor, dst: int = 0, block_rows: int = 1 << 16) -> torch.Tensor | None:
+    """Every rank's `tensor` concatenated along dim 0 (row counts may differ), as a CPU tensor on rank `dst`;
+    None on the others. Sent in blocks of `block_rows` rows so no device holds more than W blocks at once."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return tensor.detach().cpu().clone()
+    world, rank = dist.get_world_size(), dist.get_rank()
+    count = torch.tensor([tensor.shape[0]], device=tensor.device)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    dist.all_gather(counts, count)
+    counts = [int(c) for c in counts]
+    offsets = [sum(counts[:r]) for r in range(world)]
+    out = tensor.new_empty((sum(counts), *tensor.shape[1:]), device="cpu") if rank == dst else None
+    tensor = tensor.detach()
+    for start in range(0, max(counts), block_rows):
+        size = min(block_rows, max(counts) - start)
+        block = tensor.new_zeros((size, *tensor.shape[1:]))
+        mine = tensor[start:start + size]
+        block[:mine.shape[0]] = mine
+        received = [torch.empty_like(block) for _ in range(world)] if rank == dst else None
+        dist.gather(block, received, dst=dst)
+        if rank == dst:
+            for r, got in enumerate(received):
+                n = max(0, min(size, counts[r] - start))
+                out[offsets[r] + start:offsets[r] + start + n] = got[:n].cpu()
+    return out
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _gloo_worker(rank: int, fn, world_size: int, port: int, args: tuple) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        fn(rank, world_size, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn_gloo(fn, world_size: int, *args) -> None:
+    """Run `fn(rank, world_size, *args)` in `world_size` fresh local processes joined in a gloo group.
+
+    For tests and demos of multi-process code on one CPU machine; `fn` must be importable (module level).
+    """
+    import torch.multiprocessing as mp
+
+    mp.spawn(_gloo_worker, args=(fn, world_size, _free_port(), args), nprocs=world_size, join=True)

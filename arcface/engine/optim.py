@@ -1,4 +1,11 @@
-"""Optimizer construction over the backbone and the classifier head."""
+"""Optimizer construction over the backbone and the classifier head.
+
+The head's class centres can number millions while a step touches only the sampled few. Their gradient arrives as a
+sparse tensor of those rows (see `PartialFC.row_sparse_parameters`), and `RowSparseOptimizer` applies the configured
+algorithm (SGD with momentum, Adam/AdamW) to exactly those rows: gradient, weight decay and optimizer state of the
+other rows stay bit-for-bit untouched, and the memory per centre is its weight plus its optimizer state.
+Everything else (the backbone) goes through the configured torch optimizer unchanged.
+"""
 from __future__ import annotations
 
 from typing import Callable
@@ -6,9 +13,140 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from arcface.errors import UserError
+
+
+def _rows(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row indices, row gradients) of a sparse gradient; duplicates (e.g. accumulated micro-batches) summed."""
+    grad = grad.coalesce()
+    return grad.indices()[0], grad.values()
+
+
+@torch.no_grad()
+def sgd_rows(param: torch.Tensor, grad: torch.Tensor, state: dict, group: dict) -> None:
+    """torch.optim.SGD on the given rows (weight decay, momentum, dampening, nesterov, maximize)."""
+    index, g = _rows(grad)
+    if group["maximize"]:
+        g = -g
+    w = param.index_select(0, index)
+    if group["weight_decay"]:
+        g = g.add(w, alpha=group["weight_decay"])
+    momentum = group["momentum"]
+    if momentum:
+        # A zero buffer makes a row's first update buf = g, as torch's first step does (dampening aside).
+        buf_all = state.setdefault("momentum_buffer", torch.zeros_like(param))
+        buf = buf_all.index_select(0, index).mul_(momentum).add_(g, alpha=1 - group["dampening"])
+        buf_all.index_copy_(0, index, buf)
+        g = g.add(buf, alpha=momentum) if group["nesterov"] else buf
+    param.index_copy_(0, index, w.add_(g, alpha=-group["lr"]))
+
+
+@torch.no_grad()
+def adam_rows(param: torch.Tensor, grad: torch.Tensor, state: dict, group: dict) -> None:
+    """torch.optim.Adam / AdamW on the given rows, with a step count per row for the bias corrections."""
+    if group.get("amsgrad"):
+        raise UserError("amsgrad is not supported for the classifier's sparse rows: set optimizer.amsgrad=false")
+    index, g = _rows(grad)
+    if group["maximize"]:
+        g = -g
+    if not state:
+        state["step"] = torch.zeros(param.shape[0], dtype=torch.float32, device=param.device)
+        state["exp_avg"] = torch.zeros_like(param)
+        state["exp_avg_sq"] = torch.zeros_like(param)
+    lr, (beta1, beta2), wd = group["lr"], group["betas"], group["weight_decay"]
+    w = param.index_select(0, index)
+    if wd and group.get("decoupled_weight_decay"):
+        w.mul_(1 - lr * wd)
+    elif wd:
+        g = g.add(w, alpha=wd)
+    step = state["step"].index_select(0, index).add_(1)
+    state["step"].index_copy_(0, index, step)
+    exp_avg = state["exp_avg"].index_select(0, index).lerp_(g, 1 - beta1)
+    exp_avg_sq = state["exp_avg_sq"].index_select(0, index).mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    state["exp_avg"].index_copy_(0, index, exp_avg)
+    state["exp_avg_sq"].index_copy_(0, index, exp_avg_sq)
+    bias1 = (1 - beta1 ** step).unsqueeze(1)
+    bias2_sqrt = (1 - beta2 ** step).sqrt().unsqueeze(1)
+    denom = exp_avg_sq.sqrt_().div_(bias2_sqrt).add_(group["eps"])
+    param.index_copy_(0, index, w.sub_(exp_avg.div_(denom).div_(bias1).mul_(lr)))
+
+
+# Row-wise counterpart of each supported torch optimizer (AdamW is a subclass of Adam).
+_ROW_RULES: dict[type, Callable[[torch.Tensor, torch.Tensor, dict, dict], None]] = {
+    torch.optim.SGD: sgd_rows,
+    torch.optim.Adam: adam_rows,
+}
+
+
+def _row_rule(optimizer: torch.optim.Optimizer):
+    for cls in type(optimizer).__mro__:
+        if cls in _ROW_RULES:
+            return _ROW_RULES[cls]
+    raise UserError(f"{type(optimizer).__name__} has no sparse-row update for the classifier: use optimizer=sgd or "
+                    f"optimizer=adamw")
+
+
+class RowSparseOptimizer(torch.optim.Optimizer):
+    """The configured optimizer for dense parameters plus a row-wise update for parameters with sparse gradients.
+
+    `param_groups` are the dense optimizer's groups (the same dict objects) followed by one group of row-sparse
+    parameters carrying the same hyper-parameters, so LR schedules, GradScaler and `zero_grad` see one optimizer.
+    `state_dict()` holds the dense state and every group's hyper-parameters; the row-sparse parameters' state is
+    sharded over ranks and saved world-size-independently by `arcface.heads.fc_checkpoint`, so `load_state_dict`
+    leaves it as it is.
+    """
+
+    def __init__(self, dense: torch.optim.Optimizer, row_sparse: list[nn.Parameter]):
+        self.dense = dense
+        self.row_rule = _row_rule(dense)
+        groups = list(dense.param_groups)
+        if row_sparse:
+            groups.append({"params": row_sparse, "row_sparse": True})
+        super().__init__(groups, dense.defaults)
+        self.state = dense.state
+
+    def _row_sparse_params(self) -> list[torch.Tensor]:
+        return [p for g in self.param_groups if g.get("row_sparse") for p in g["params"]]
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.dense.step()
+        for group in self.param_groups:
+            if group.get("row_sparse"):
+                for p in group["params"]:
+                    if p.grad is not None:
+                        self.row_rule(p, p.grad, self.state[p], group)
+        return loss
+
+    def state_dict(self) -> dict:
+        sd = super().state_dict()
+        sparse_ids = {i for g in sd["param_groups"] if g.get("row_sparse") for i in g["params"]}
+        sd["state"] = {i: s for i, s in sd["state"].items() if i not in sparse_ids}
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        kept = {p: self.state[p] for p in self._row_sparse_params() if p in self.state}
+        super().load_state_dict(state_dict)
+        self.state.update(kept)
+        # The base class rebuilt `state` and the group dicts; point the dense optimizer at the new ones.
+        self.dense.state = self.state
+        self.dense.param_groups = [g for g in self.param_groups if not g.get("row_sparse")]
+
 
 def build_optimizer(factory: Callable[..., torch.optim.Optimizer], backbone: nn.Module,
                     head: nn.Module) -> torch.optim.Optimizer:
-    """`factory` is a partially applied optimizer class (Hydra `_partial_: true`) taking parameter groups."""
+    """`factory` is a partially applied optimizer class (Hydra `_partial_: true`) taking parameter groups.
+
+    The backbone forms the first group and the head's ordinary parameters the second; the head's row-sparse
+    parameters (if it declares any) are updated row-wise with the same algorithm and hyper-parameters.
+    """
+    sparse = list(head.row_sparse_parameters()) if hasattr(head, "row_sparse_parameters") else []
+    sparse_ids = {id(p) for p in sparse}
     trainable = [p for p in backbone.parameters() if p.requires_grad]
-    return factory([{"params": trainable}, {"params": list(head.parameters())}])
+    head_dense = [p for p in head.parameters() if p.requires_grad and id(p) not in sparse_ids]
+    groups = [{"params": trainable}] + ([{"params": head_dense}] if head_dense else [])
+    return RowSparseOptimizer(factory(groups), sparse)

@@ -1,5 +1,6 @@
 """Classification heads: margins over cosine logits and the Partial FC classifier."""
-from arcface.heads.margins import CombinedMargin
+from arcface.heads.fc_checkpoint import load_fc_state, save_fc_state
+from arcface.heads.margins import AdaFace, CombinedMargin, CurricularFace, Margin
 from arcface.heads.partial_fc import PartialFC
 
-__all__ = ["CombinedMargin", "PartialFC"]
+__all__ = ["AdaFace", "CombinedMargin", "CurricularFace", "Margin", "PartialFC", "load_fc_state", "save_fc_state"]

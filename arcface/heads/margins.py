@@ -1,32 +1,176 @@
-"""Margin functions applied to cosine logits: the ArcFace family."""
+"""Margin functions over cosine logits: the combined (ArcFace/CosFace/SphereFace) margin, CurricularFace, AdaFace.
+
+Every margin is called the same way by the classifier head:
+
+    scaled = margin(logits, labels, target_cosine=..., norms=...)
+
+`logits` (B, K) are cosines between the batch and the K class centres this process holds; `labels` (B,) is the column
+of each row's target, or -1 where the target centre lives elsewhere (another shard). `target_cosine` (B,) is every
+row's target cosine wherever it lives and `norms` (B,) the embeddings' norms before normalisation; both are
+detached, and margins that do not need them ignore them. Margins keep any running statistics as buffers, so they are
+saved with the head.
+"""
 from __future__ import annotations
 
 import math
 
 import torch
+import torch.nn as nn
+
+# Keeps acos away from +-1, where its derivative is infinite.
+_COS_EPS = 1e-7
 
 
-class CombinedMargin:
-    """cos(m1*theta + m2) - m3 on the target logit, all logits times s (ArcFace m2>0, CosFace m3>0)."""
+def monotone_cos(phi: torch.Tensor) -> torch.Tensor:
+    """(-1)^k cos(phi) - 2k with k = floor(phi / pi): equals cos(phi) on [0, pi] and keeps decreasing past it.
 
-    def __init__(self, s: float = 64.0, m1: float = 1.0, m2: float = 0.5, m3: float = 0.0,
-                 interclass_filtering_threshold: float = 0.0):
-        self.s, self.m1, self.m2, self.m3 = s, m1, m2, m3
+    A margin pushes the target angle phi = m1*theta + m2 beyond pi for hard samples; plain cos would turn back up
+    there and reward the wrong direction. This extension (SphereFace's psi) is continuous, monotone and finite.
+    """
+    k = torch.floor(phi / math.pi).detach()
+    sign = 1.0 - 2.0 * torch.remainder(k, 2.0)
+    return sign * torch.cos(phi) - 2.0 * k
+
+
+def target_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, cols) of the target logits held here."""
+    rows = torch.nonzero(labels >= 0).squeeze(1)
+    return rows, labels[rows]
+
+
+class Margin(nn.Module):
+    """Common part: the scale `s` and inter-class filtering (negatives above a cosine threshold count as noise)."""
+
+    def __init__(self, s: float, interclass_filtering_threshold: float = 0.0):
+        super().__init__()
+        self.s = s
         self.interclass_filtering_threshold = interclass_filtering_threshold
 
-    def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """`logits`: cosines (B, C); `labels`: (B,) column index of the target, -1 where it is not in `logits`."""
-        rows = torch.nonzero(labels != -1).squeeze(1)
-        cols = labels[rows]
-        if self.interclass_filtering_threshold > 0:
+    def filter_negatives(self, logits: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """Zero negative cosines above the threshold: such a pair is likely the same identity under two labels."""
+        if self.interclass_filtering_threshold <= 0:
+            return logits
+        with torch.no_grad():
             keep = (logits <= self.interclass_filtering_threshold).to(logits.dtype)
             keep[rows, cols] = 1
-            logits = logits * keep
-        target = logits[rows, cols].clamp(-1 + 1e-7, 1 - 1e-7)
-        theta = torch.acos(target)
-        margin_target = torch.cos(self.m1 * theta + self.m2) - self.m3
-        # Past theta + m2 > pi the cosine turns back up; keep the target logit monotone in theta instead.
-        limit = self.m1 * theta + self.m2 > math.pi
-        margin_target = torch.where(limit, target - self.m3 - math.sin(self.m2) * self.m2, margin_target)
-        logits = logits.index_put((rows, cols), margin_target.to(logits.dtype))
-        return logits * self.s
+        return logits * keep
+
+    @staticmethod
+    def target_cosine_of(logits: torch.Tensor, labels: torch.Tensor, target_cosine: torch.Tensor | None):
+        """The head's all-reduced target cosines, or (one process, every target present) read from `logits`."""
+        if target_cosine is not None:
+            return target_cosine
+        if bool((labels < 0).any()):
+            raise ValueError("target_cosine is required when some targets are not among the logits' columns")
+        return logits.detach().gather(1, labels.unsqueeze(1)).squeeze(1)
+
+    def extra_repr(self) -> str:
+        return f"s={self.s}, interclass_filtering_threshold={self.interclass_filtering_threshold}"
+
+
+class CombinedMargin(Margin):
+    """Target logit cos(m1*theta + m2) - m3, every logit times s: ArcFace (1, m, 0), CosFace (1, 0, m),
+    SphereFace (m>1, 0, 0) and any combination.
+
+    The gradient flows through the margin (d/dcos of the transformed target), and angles past pi follow
+    `monotone_cos`. `straight_through=True` is the reference's behaviour instead: the margin is added as a constant,
+    so the gradient is that of the plain cosine.
+    """
+
+    def __init__(self, s: float = 64.0, m1: float = 1.0, m2: float = 0.5, m3: float = 0.0,
+                 interclass_filtering_threshold: float = 0.0, straight_through: bool = False):
+        super().__init__(s, interclass_filtering_threshold)
+        if m1 < 1 or m2 < 0 or m3 < 0:
+            raise ValueError(f"margin needs m1 >= 1, m2 >= 0, m3 >= 0; got ({m1}, {m2}, {m3})")
+        self.m1, self.m2, self.m3 = m1, m2, m3
+        self.straight_through = straight_through
+
+    def transform(self, cosine: torch.Tensor) -> torch.Tensor:
+        """The target logit before scaling, from the target cosine."""
+        if self.m1 == 1 and self.m2 == 0:
+            # CosFace: no angle needed, and skipping acos keeps the gradient exact at |cos| = 1.
+            return cosine - self.m3
+        theta = torch.acos(cosine.clamp(-1 + _COS_EPS, 1 - _COS_EPS))
+        return monotone_cos(self.m1 * theta + self.m2) - self.m3
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor, target_cosine: torch.Tensor | None = None,
+                norms: torch.Tensor | None = None) -> torch.Tensor:
+        rows, cols = target_positions(labels)
+        logits = self.filter_negatives(logits, rows, cols)
+        target = logits[rows, cols].float()
+        new_target = self.transform(target)
+        if self.straight_through:
+            new_target = target + (new_target - target).detach()
+        return logits.index_put((rows, cols), new_target.to(logits.dtype)) * self.s
+
+    def extra_repr(self) -> str:
+        return (f"m1={self.m1}, m2={self.m2}, m3={self.m3}, straight_through={self.straight_through}, "
+                f"{super().extra_repr()}")
+
+
+class CurricularFace(Margin):
+    """CurricularFace (Huang et al., 2020): ArcFace on the target; a hard negative (cosine above the row's margined
+    target) becomes cos*(t + cos), where t follows the batch's mean target cosine, so hard negatives weigh little
+    early in training and more as it converges."""
+
+    def __init__(self, s: float = 64.0, m: float = 0.5, momentum: float = 0.01,
+                 interclass_filtering_threshold: float = 0.0):
+        super().__init__(s, interclass_filtering_threshold)
+        self.m, self.momentum = m, momentum
+        self.register_buffer("t", torch.zeros(()))
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor, target_cosine: torch.Tensor | None = None,
+                norms: torch.Tensor | None = None) -> torch.Tensor:
+        target_cosine = self.target_cosine_of(logits, labels, target_cosine).float()
+        rows, cols = target_positions(labels)
+        logits = self.filter_negatives(logits, rows, cols)
+        with torch.no_grad():
+            if self.training:
+                self.t.lerp_(target_cosine.mean(), self.momentum)
+            # Each row's margined target, also for rows whose target centre is on another shard.
+            threshold = monotone_cos(torch.acos(target_cosine.clamp(-1 + _COS_EPS, 1 - _COS_EPS)) + self.m)
+            hard = logits > threshold.to(logits.dtype).unsqueeze(1)
+            hard[rows, cols] = False
+        logits = torch.where(hard, logits * (self.t.to(logits.dtype) + logits), logits)
+        theta = torch.acos(logits[rows, cols].float().clamp(-1 + _COS_EPS, 1 - _COS_EPS))
+        new_target = monotone_cos(theta + self.m)
+        return logits.index_put((rows, cols), new_target.to(logits.dtype)) * self.s
+
+    def extra_repr(self) -> str:
+        return f"m={self.m}, momentum={self.momentum}, {super().extra_repr()}"
+
+
+class AdaFace(Margin):
+    """AdaFace (Kim et al., 2022): the margin adapts to image quality, read from the embedding norm.
+
+    With z = clip(h * (norm - mean) / (std + eps), -1, 1) over running batch statistics of the norms, the target
+    becomes cos(clip(theta - m*z, 0, pi)) - (m + m*z): high-quality (large-norm) samples get an angular margin,
+    low-quality ones an additive margin in the other direction.
+    """
+
+    def __init__(self, s: float = 64.0, m: float = 0.4, h: float = 0.333, momentum: float = 0.01,
+                 interclass_filtering_threshold: float = 0.0):
+        super().__init__(s, interclass_filtering_threshold)
+        self.m, self.h, self.momentum = m, h, momentum
+        # Starting values from the paper's code: a wide spread, so early z stays near 0.
+        self.register_buffer("norm_mean", torch.tensor(20.0))
+        self.register_buffer("norm_std", torch.tensor(100.0))
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor, target_cosine: torch.Tensor | None = None,
+                norms: torch.Tensor | None = None) -> torch.Tensor:
+        if norms is None:
+            raise ValueError("AdaFace needs the embedding norms (the PartialFC head passes them)")
+        rows, cols = target_positions(labels)
+        logits = self.filter_negatives(logits, rows, cols)
+        with torch.no_grad():
+            norms = norms.float().clamp(0.001, 100)
+            if self.training and norms.numel() > 1:
+                self.norm_mean.lerp_(norms.mean(), self.momentum)
+                self.norm_std.lerp_(norms.std(), self.momentum)
+            z = ((norms - self.norm_mean) / (self.norm_std + 1e-3) * self.h).clamp(-1, 1)[rows]
+        theta = torch.acos(logits[rows, cols].float().clamp(-1 + _COS_EPS, 1 - _COS_EPS))
+        new_target = torch.cos((theta - self.m * z).clamp(_COS_EPS, math.pi - _COS_EPS)) - self.m * (1 + z)
+        return logits.index_put((rows, cols), new_target.to(logits.dtype)) * self.s
+
+    def extra_repr(self) -> str:
+        return f"m={self.m}, h={self.h}, momentum={self.momentum}, {super().extra_repr()}"

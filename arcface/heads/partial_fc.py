@@ -1,28 +1,135 @@
-"""The classifier: class centres, cosine logits, margin, softmax cross-entropy."""
+"""Partial FC: class centres sharded over ranks, a sampled subset per step, margin, sharded softmax cross-entropy.
+
+Each rank holds a contiguous block of class centres (`shard_range`). A step all-gathers the embeddings and labels of
+every rank, samples this rank's centres (every positive in the global batch plus random negatives up to
+`sample_rate`), computes cosine logits against them, applies the margin and reduces the softmax across ranks. With
+`sparse_update` (the default) the centres' gradient is a sparse tensor holding only the sampled rows, which the
+optimizer from `arcface.engine.optim.build_optimizer` applies row-wise: unsampled centres and their optimizer state
+stay untouched, and no dense (C, D) gradient ever exists.
+"""
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from arcface.distributed import all_gather, all_reduce, get_rank, get_world_size
 from arcface.errors import UserError
+from arcface.heads.sharding import sample_centres, shard_range
+from arcface.heads.softmax import sharded_cross_entropy
+
+_LOGITS_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class _SampledRows(torch.autograd.Function):
+    """weight[index] whose gradient is a sparse (coalesced) tensor of just those rows."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(index)
+        ctx.weight_shape = weight.shape
+        if index.numel() == weight.shape[0]:  # every row (index is sorted and unique): no copy
+            return weight.view_as(weight)
+        return weight.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (index,) = ctx.saved_tensors
+        sparse = torch.sparse_coo_tensor(index.unsqueeze(0), grad, ctx.weight_shape, is_coalesced=True,
+                                         check_invariants=False)
+        return sparse, None
 
 
 class PartialFC(nn.Module):
-    """Class centres and the margin softmax loss; `loss = head(embeddings, labels)`."""
+    """Margin softmax classifier over `num_classes` centres sharded across ranks: `loss = head(embeddings, labels)`.
 
-    def __init__(self, margin, embedding_size: int, num_classes: int, sample_rate: float = 1.0,
-                 fp16_logits: bool = False):
+    sample_rate: fraction of each shard's centres used per step (1.0 = full softmax, 0 = positives only).
+    logits_dtype: precision of the cosine matmul ("float32", "float16", "bfloat16"; `fp16_logits=True` is
+        shorthand for "float16"); margin and softmax always run in float32.
+    sparse_update: False makes the centres' gradient dense over all rows, as in the reference (for comparison).
+    """
+
+    def __init__(self, margin: nn.Module, embedding_size: int, num_classes: int, sample_rate: float = 1.0,
+                 fp16_logits: bool = False, logits_dtype: str | None = None, sparse_update: bool = True):
         super().__init__()
+        if not 0.0 <= sample_rate <= 1.0:
+            raise UserError(f"pfc.rate={sample_rate} is not a fraction: set pfc.rate between 0 and 1")
+        dtype_name = logits_dtype or ("float16" if fp16_logits else "float32")
+        if dtype_name not in _LOGITS_DTYPES:
+            raise UserError(f"logits dtype {dtype_name!r} is unknown: use one of {', '.join(_LOGITS_DTYPES)}")
         self.margin = margin
+        self.embedding_size = embedding_size
         self.num_classes = num_classes
         self.sample_rate = sample_rate
-        self.fp16_logits = fp16_logits
-        self.weight = nn.Parameter(torch.normal(0, 0.01, (num_classes, embedding_size)))
+        self.logits_dtype = _LOGITS_DTYPES[dtype_name]
+        self.sparse_update = sparse_update
+        self.class_start, self.num_local = shard_range(num_classes, get_rank(), get_world_size())
+        self.num_sample = int(sample_rate * self.num_local)
+        # Seeded per shard, so shards start different even when every rank runs with the same seed.
+        self._seed = torch.initial_seed() + self.class_start
+        init = torch.Generator().manual_seed(self._seed)
+        self.weight = nn.Parameter(torch.normal(0.0, 0.01, (self.num_local, embedding_size), generator=init))
+        self._sampler: torch.Generator | None = None
+
+    def row_sparse_parameters(self) -> list[nn.Parameter]:
+        """Parameters whose gradient is a sparse tensor of sampled rows (the optimizer updates them row-wise)."""
+        return [self.weight] if self.sparse_update else []
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if labels.dtype != torch.long or int(labels.max()) >= self.num_classes or int(labels.min()) < 0:
-            raise UserError(f"labels must be int64 in [0, {self.num_classes}); got {labels.dtype} up to "
-                            f"{int(labels.max())}: set dataset.num_classes to the dataset's class count")
-        logits = F.linear(F.normalize(embeddings.float()), F.normalize(self.weight)).clamp(-1, 1)
-        return F.cross_entropy(self.margin(logits, labels), labels)
+        labels = self._integer_labels(labels)
+        all_embeddings = torch.cat(all_gather(embeddings))
+        all_labels = torch.cat(all_gather(labels))
+        self._check_range(all_labels)
+
+        local = all_labels - self.class_start
+        mine = (local >= 0) & (local < self.num_local)
+        index = sample_centres(torch.unique(local[mine]), self.num_local, self.num_sample, self._generator())
+        local_labels = torch.where(mine, torch.searchsorted(index, local), -1)
+
+        if self.sparse_update:
+            centres = _SampledRows.apply(self.weight, index)
+        else:
+            centres = self.weight.index_select(0, index)
+        logits = self._cosine(all_embeddings, centres)
+
+        # Margins may need every row's target cosine (it lives on one shard) and the embedding norms.
+        rows = torch.nonzero(local_labels >= 0).squeeze(1)
+        target_cosine = torch.zeros(logits.shape[0], device=logits.device)
+        target_cosine[rows] = logits.detach()[rows, local_labels[rows]]
+        all_reduce(target_cosine)
+        norms = all_embeddings.detach().float().norm(dim=1)
+
+        logits = self.margin(logits, local_labels, target_cosine=target_cosine, norms=norms)
+        return sharded_cross_entropy(logits.float(), local_labels)
+
+    def _cosine(self, embeddings: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+        """Cosine logits (float32) with the matmul in `logits_dtype`, whatever autocast region encloses the head."""
+        with torch.autocast(embeddings.device.type, enabled=False):
+            e = F.normalize(embeddings.float()).to(self.logits_dtype)
+            w = F.normalize(centres.float()).to(self.logits_dtype)
+            return F.linear(e, w).float()
+
+    def _generator(self) -> torch.Generator:
+        if self._sampler is None or self._sampler.device != self.weight.device:
+            self._sampler = torch.Generator(self.weight.device).manual_seed(self._seed + 1)
+        return self._sampler
+
+    def _integer_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+            raise UserError(f"labels have dtype {labels.dtype} but must be integer class ids: make the dataset "
+                            f"return int64 labels")
+        return labels.long()
+
+    def _check_range(self, labels: torch.Tensor) -> None:
+        if labels.numel() == 0:
+            return
+        low, high = int(labels.min()), int(labels.max())
+        if low < 0 or high >= self.num_classes:
+            bad = low if low < 0 else high
+            raise UserError(f"label {bad} is outside [0, {self.num_classes}): set dataset.num_classes to the "
+                            f"dataset's class count (one more than its largest label)")
+
+    def extra_repr(self) -> str:
+        return (f"num_classes={self.num_classes}, shard=[{self.class_start}, {self.class_start + self.num_local}), "
+                f"sample_rate={self.sample_rate}, logits_dtype={self.logits_dtype}, "
+                f"sparse_update={self.sparse_update}")
