@@ -52,6 +52,31 @@ def decode_into(data: bytes, out: np.ndarray) -> None:
     out[...] = fit(decode_rgb(data), out.shape[0], out.shape[1])
 
 
+def image_size(data: bytes) -> tuple[int, int]:
+    """(height, width) of encoded image bytes, from the header only."""
+    if simplejpeg is not None and data[:3] == _JPEG_SOI:
+        try:
+            return simplejpeg.decode_jpeg_header(data)[:2]
+        except ValueError:
+            pass
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.height, img.width
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ValueError(f"not a decodable image ({len(data)} bytes starting {data[:4].hex()}): {e}") from None
+
+
+def encode_jpeg(image: np.ndarray, quality: int = 95) -> bytes:
+    """uint8 (H, W, 3) RGB -> JPEG bytes."""
+    if simplejpeg is not None:
+        # 4:2:0 like OpenCV and PIL, the encoders public face sets were written with.
+        return simplejpeg.encode_jpeg(np.ascontiguousarray(image), quality=quality, colorspace="RGB",
+                                      colorsubsampling="420")
+    out = io.BytesIO()
+    Image.fromarray(image).save(out, "JPEG", quality=quality)
+    return out.getvalue()
+
+
 def fit(image: np.ndarray, height: int, width: int) -> np.ndarray:
     """`image` (H, W, 3) resized to (height, width); unchanged when it already fits."""
     if image.shape[:2] == (height, width):

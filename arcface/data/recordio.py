@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import struct
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Sequence, Union
 
@@ -24,6 +25,7 @@ _LENGTH_BITS = 29
 MAX_CHUNK = (1 << _LENGTH_BITS) - 1
 _WHOLE, _FIRST, _MIDDLE, _LAST = 0, 1, 2, 3
 _IR = struct.Struct("<IfQQ")
+_FLOAT32_EXACT = 1 << 24  # float32 labels (header key ranges) hold every integer only up to here
 
 Label = Union[float, Sequence[float]]
 
@@ -122,6 +124,22 @@ class RecordWriter:
         self.close()
 
 
+@contextmanager
+def replaced_on_success(*paths: str) -> Iterator[list[str]]:
+    """Yield temporary names for `paths`; move them into place only if the block succeeds, so an interrupted
+    pack never leaves a half-written file under the real name."""
+    temps = [f"{p}.tmp" for p in paths]
+    try:
+        yield temps
+    except BaseException:
+        for temp in temps:
+            if os.path.exists(temp):
+                os.remove(temp)
+        raise
+    for temp, path in zip(temps, paths):
+        os.replace(temp, path)
+
+
 class RecordIndex:
     """The `.idx` as two int64 arrays (keys, offsets) in file order, with O(1) lookup when keys are a range."""
 
@@ -171,6 +189,12 @@ class RecordIndex:
             return pos if 0 <= pos < len(self.keys) else None
         i = int(np.searchsorted(self._sorted, key))
         return int(self._order[i]) if i < len(self._sorted) and self._sorted[i] == key else None
+
+    def positions(self, keys: np.ndarray) -> np.ndarray:
+        """Rows of `keys`, all of which must be in the index."""
+        if self._dense:
+            return keys - self.keys[0]
+        return self._order[np.searchsorted(self._sorted, keys)]
 
     def offset(self, key: int) -> int:
         pos = self.position(key)
@@ -326,6 +350,72 @@ class RecordReader:
         return self.index
 
 
+class PlainWriter:
+    """Writes images in the plain layout: keys 0..N-1, each record an image with its label (a float or floats)."""
+
+    def __init__(self, rec_path: str | os.PathLike, idx_path: str | os.PathLike):
+        self._writer = RecordWriter(rec_path, idx_path)
+        self.next_key = 0
+
+    def add(self, label: Label, data: bytes) -> int:
+        key = self.next_key
+        self._writer.write(pack(IRHeader(0, label, key), data), key)
+        self.next_key += 1
+        return key
+
+    def close(self) -> None:
+        self._writer.close()
+
+    def __enter__(self) -> "PlainWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class InsightFaceWriter:
+    """Streams images, grouped by label 0, 1, 2, ..., into the InsightFace layout: header record 0, images at keys
+    1..N, then one identity record per label with its key range [start, end). The header is written last, in
+    place (its size never changes), so nothing has to be counted beforehand."""
+
+    def __init__(self, rec_path: str | os.PathLike, idx_path: str | os.PathLike):
+        self._writer = RecordWriter(rec_path, idx_path)
+        self._writer.write(self._header(0, 0), 0)
+        self.next_key = 1
+        self.ranges: list[tuple[int, int]] = []
+
+    @staticmethod
+    def _header(end: int, stop: int) -> bytes:
+        return pack(IRHeader(2, (float(end), float(stop))), b"")
+
+    def add(self, label: int, data: bytes) -> int:
+        """Append one image (encoded bytes) of identity `label`; returns its key."""
+        if label < len(self.ranges) - 1:
+            raise ValueError(f"images must come grouped by label in increasing order; got label {label} after "
+                             f"{len(self.ranges) - 1}")
+        while len(self.ranges) <= label:  # identities without images get empty ranges
+            self.ranges.append((self.next_key, self.next_key))
+        key = self.next_key
+        self._writer.write(pack(IRHeader(0, float(label), key), data), key)
+        self.ranges[label] = (self.ranges[label][0], key + 1)
+        self.next_key += 1
+        return key
+
+    def close(self) -> None:
+        end = self.next_key
+        for label, (start, stop) in enumerate(self.ranges):
+            self._writer.write(pack(IRHeader(2, (float(start), float(stop)), end + label), b""), end + label)
+        self._writer.close()
+        with open(self._writer.rec_path, "r+b") as f:
+            f.write(encode_record(self._header(end, end + len(self.ranges))))
+
+    def __enter__(self) -> "InsightFaceWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 @dataclass(frozen=True)
 class Layout:
     """Which records of a `.rec` are images: the InsightFace layout (header record 0, images 1..N-1, identity
@@ -344,6 +434,8 @@ def read_layout(reader: RecordReader) -> Layout:
         header, data = reader.unpack_checked(payload, reader.offset_of(0), 0)
         if header.flag >= 2 and not data:
             end, stop = (int(x) for x in header.label[:2])
+            if end > _FLOAT32_EXACT:
+                end, stop = _exact_bounds(reader, end)
             keys = np.arange(1, end, dtype=np.int64)
             missing = _missing(index, keys)
             if missing is not None:
@@ -352,6 +444,17 @@ def read_layout(reader: RecordReader) -> Layout:
                                 f"`python tools/inspect_rec.py --write-idx {os.path.dirname(index.path) or '.'}`.")
             return Layout(keys, insightface=True, num_identities=max(stop - end, 0))
     return Layout(index.keys, insightface=False)
+
+
+def _exact_bounds(reader: RecordReader, end: int) -> tuple[int, int]:
+    """A float32 header label is exact only up to 2**24: above it, find the first identity record near `end` (the
+    first record without image bytes) and count identity records to the last key."""
+    spacing = int(np.spacing(np.float32(end)))
+    for key in range(end - spacing, end + spacing + 1):
+        if key in reader.index and not unpack(reader.read(key))[1]:
+            return key, int(reader.index.keys.max()) + 1
+    raise UserError(f"the header record of {reader.rec_path} says images end near key {end}, but no identity record "
+                    f"is there: the header is wrong; re-pack the images with `python tools/pack_rec.py`.")
 
 
 def _missing(index: RecordIndex, keys: np.ndarray) -> int | None:
