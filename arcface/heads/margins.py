@@ -32,6 +32,11 @@ def monotone_cos(phi: torch.Tensor) -> torch.Tensor:
     return sign * torch.cos(phi) - 2.0 * k
 
 
+def _precise(x: torch.Tensor) -> torch.Tensor:
+    """Half-precision values promoted to float32 for acos/cos; float32 and float64 kept as they are."""
+    return x.float() if x.element_size() < 4 else x
+
+
 def target_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(rows, cols) of the target logits held here."""
     rows = torch.nonzero(labels >= 0).squeeze(1)
@@ -97,7 +102,7 @@ class CombinedMargin(Margin):
                 norms: torch.Tensor | None = None) -> torch.Tensor:
         rows, cols = target_positions(labels)
         logits = self.filter_negatives(logits, rows, cols)
-        target = logits[rows, cols].float()
+        target = _precise(logits[rows, cols])
         new_target = self.transform(target)
         if self.straight_through:
             new_target = target + (new_target - target).detach()
@@ -121,7 +126,7 @@ class CurricularFace(Margin):
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor, target_cosine: torch.Tensor | None = None,
                 norms: torch.Tensor | None = None) -> torch.Tensor:
-        target_cosine = self.target_cosine_of(logits, labels, target_cosine).float()
+        target_cosine = _precise(self.target_cosine_of(logits, labels, target_cosine))
         rows, cols = target_positions(labels)
         logits = self.filter_negatives(logits, rows, cols)
         with torch.no_grad():
@@ -132,7 +137,7 @@ class CurricularFace(Margin):
             hard = logits > threshold.to(logits.dtype).unsqueeze(1)
             hard[rows, cols] = False
         logits = torch.where(hard, logits * (self.t.to(logits.dtype) + logits), logits)
-        theta = torch.acos(logits[rows, cols].float().clamp(-1 + _COS_EPS, 1 - _COS_EPS))
+        theta = torch.acos(_precise(logits[rows, cols]).clamp(-1 + _COS_EPS, 1 - _COS_EPS))
         new_target = monotone_cos(theta + self.m)
         return logits.index_put((rows, cols), new_target.to(logits.dtype)) * self.s
 
@@ -163,12 +168,12 @@ class AdaFace(Margin):
         rows, cols = target_positions(labels)
         logits = self.filter_negatives(logits, rows, cols)
         with torch.no_grad():
-            norms = norms.float().clamp(0.001, 100)
+            norms = _precise(norms).clamp(0.001, 100)
             if self.training and norms.numel() > 1:
                 self.norm_mean.lerp_(norms.mean(), self.momentum)
                 self.norm_std.lerp_(norms.std(), self.momentum)
             z = ((norms - self.norm_mean) / (self.norm_std + 1e-3) * self.h).clamp(-1, 1)[rows]
-        theta = torch.acos(logits[rows, cols].float().clamp(-1 + _COS_EPS, 1 - _COS_EPS))
+        theta = torch.acos(_precise(logits[rows, cols]).clamp(-1 + _COS_EPS, 1 - _COS_EPS))
         new_target = torch.cos((theta - self.m * z).clamp(_COS_EPS, math.pi - _COS_EPS)) - self.m * (1 + z)
         return logits.index_put((rows, cols), new_target.to(logits.dtype)) * self.s
 
