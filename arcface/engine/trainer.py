@@ -1,0 +1,136 @@
+"""The training loop: forward, margin loss, backward, clip, step, schedule; logging, verification, checkpoint."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
+
+from arcface.data.transforms import prepare_batch
+from arcface.distributed import DistEnv, all_reduce, barrier
+from arcface.engine.checkpoint import save_backbone
+from arcface.engine.schedule import PolynomialWarmup
+from arcface.engine.tracking import NullTracker
+from arcface.evaluation import PairSet, evaluate
+
+log = logging.getLogger(__name__)
+
+
+def _format_eta(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class Trainer:
+    """Trains `backbone` + `head` for `total_steps` optimizer steps over `loader` (which yields uint8 batches)."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, optimizer, loader, schedule: PolynomialWarmup, *,
+                 env: DistEnv, output_dir: str | Path, val_sets: dict[str, PairSet] | None = None,
+                 tracker=None, precision: str = "fp32", gradient_acc: int = 1, grad_clip: float = 5.0,
+                 log_every: int = 10, verify_every: int = 2000, verify_at_start: bool = True,
+                 eval_batch_size: int = 128):
+        self.backbone, self.head, self.optimizer, self.loader = backbone, head, optimizer, loader
+        self.schedule = schedule
+        self.env = env
+        self.output_dir = Path(output_dir)
+        self.val_sets = val_sets or {}
+        self.tracker = tracker or NullTracker()
+        self.gradient_acc = gradient_acc
+        self.grad_clip = grad_clip
+        self.log_every = log_every
+        self.verify_every = verify_every
+        self.verify_at_start = verify_at_start
+        self.eval_batch_size = eval_batch_size
+        self.model = backbone
+        if env.world_size > 1:
+            ids = [env.device.index] if env.device.type == "cuda" else None
+            self.model = DistributedDataParallel(backbone, device_ids=ids, broadcast_buffers=False)
+        use_scaler = precision == "fp16" and env.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler(env.device.type, growth_interval=100, enabled=use_scaler)
+        for group in optimizer.param_groups:
+            group.setdefault("initial_lr", group["lr"])
+        self.step = 0
+        self.results: dict[str, dict[str, float]] = {}
+
+    @property
+    def total_steps(self) -> int:
+        return self.schedule.total_steps
+
+    def fit(self) -> dict[str, dict[str, float]]:
+        """Train to the end; returns {val_set: {"initial": acc, "final": acc}} (rank 0; empty elsewhere)."""
+        if self.verify_at_start:
+            self._verify("initial")
+        self._train()
+        self._verify("final")
+        if self.env.is_main:
+            path = save_backbone(self.backbone, self.output_dir / "model.pt")
+            log.info("saved backbone weights to %s", path)
+        barrier()
+        return self.results
+
+    def _train(self) -> None:
+        self.backbone.train()
+        self.head.train()
+        epoch, loss_sum, loss_count = 0, torch.zeros((), device=self.env.device), 0
+        tick, tick_step, start = time.perf_counter(), 0, time.perf_counter()
+        while self.step < self.total_steps:
+            self.loader.set_epoch(epoch)
+            for micro, (images, labels) in enumerate(self.loader):
+                x = prepare_batch(images, self.env.device, flip=True)
+                labels = labels.to(self.env.device, non_blocking=True)
+                last_micro = (micro + 1) % self.gradient_acc == 0
+                sync = contextlib.nullcontext() if last_micro or self.model is self.backbone else self.model.no_sync()
+                with sync:
+                    loss = self.head(self.model(x), labels)
+                    # Dividing by the accumulation count keeps the update size independent of it.
+                    self.scaler.scale(loss / self.gradient_acc).backward()
+                loss_sum += loss.detach()
+                loss_count += 1
+                if not last_micro:
+                    continue
+                lr = self.schedule.apply(self.optimizer, self.step)
+                self.scaler.unscale_(self.optimizer)
+                nn.utils.clip_grad_norm_(self.backbone.parameters(), self.grad_clip)
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.step += 1
+                if self.step % self.log_every == 0 or self.step == self.total_steps:
+                    now = time.perf_counter()
+                    mean_loss = float(all_reduce(loss_sum.clone())) / (loss_count * self.env.world_size)
+                    self._log_progress(epoch, mean_loss, lr, (self.step - tick_step) / (now - tick), now - start)
+                    loss_sum.zero_()
+                    loss_count, tick, tick_step = 0, now, self.step
+                if self.step % self.verify_every == 0 and self.step < self.total_steps:
+                    self._verify(f"step{self.step}")
+                if self.step >= self.total_steps:
+                    return
+            epoch += 1
+
+    def _log_progress(self, epoch: int, loss: float, lr: float, steps_per_s: float, elapsed: float) -> None:
+        samples_per_s = steps_per_s * self.loader.batch_size * self.gradient_acc * self.env.world_size
+        eta = (self.total_steps - self.step) / max(steps_per_s, 1e-9)
+        if not math.isfinite(loss):
+            log.warning("loss is %s at step %d: lower optimizer.lr or use trainer.precision=bf16", loss, self.step)
+        if self.env.is_main:
+            log.info("step %d/%d  epoch %d  loss %.4f  lr %.5f  samples/s %.1f  elapsed %s  eta %s",
+                     self.step, self.total_steps, epoch, loss, lr, samples_per_s, _format_eta(elapsed),
+                     _format_eta(eta))
+        self.tracker.log_metrics({"loss": loss, "lr": lr, "samples_per_s": samples_per_s, "epoch": epoch},
+                                 step=self.step)
+
+    def _verify(self, tag: str) -> None:
+        """Rank 0 evaluates every pair set; the others wait."""
+        if self.env.is_main:
+            for name, pairs in self.val_sets.items():
+                result = evaluate(self.backbone, pairs, self.eval_batch_size, self.env.device)
+                self.results.setdefault(name, {})[tag] = result.accuracy
+                log.info("[%s] %s  accuracy %.4f +- %.4f  xnorm %.3f  val@far=%g %.4f", tag, name, result.accuracy,
+                         result.accuracy_std, result.xnorm, result.far_target, result.val)
+                self.tracker.log_metrics(result.metrics(name), step=self.step)
+        barrier()

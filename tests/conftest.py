@@ -1,0 +1,28 @@
+"""Shared test helpers: run the real training entrypoint in a subprocess on tiny settings."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A few steps of the demo on a handful of synthetic identities: seconds, not minutes.
+TINY = [
+    "dataset.num_classes=16", "dataset.images_per_class=4", "dataset.val.synthetic_holdout.num_pairs=40",
+    "dataset.val.synthetic_holdout.num_identities=10", "trainer.batch_size=8", "trainer.max_steps=3",
+    "trainer.log_every=1", "trainer.num_workers=0", "embedding_size=64",
+]
+
+
+def run_train(args: list[str], workdir: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`python -m arcface.train ARGS` with outputs under `workdir`; returns the finished process."""
+    cmd = [sys.executable, "-m", "arcface.train", f"hydra.run.dir={workdir / 'run'}", *args]
+    return subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def train_cli():
+    return run_train

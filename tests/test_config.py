@@ -1,0 +1,89 @@
+"""Every config group option and experiment preset composes, and user overrides land where they should."""
+from __future__ import annotations
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.utils import get_object
+from omegaconf import OmegaConf
+
+from conftest import REPO, run_train
+
+CONF = REPO / "conf"
+GROUPS = ["backbone", "dataset", "pfc", "margin", "optimizer", "cluster", "tracking", "experiment"]
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def compose_train(overrides: list[str]):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="train", overrides=overrides, return_hydra_config=True)
+
+
+def resolved(cfg) -> dict:
+    """Resolve everything except the hydra: runtime resolvers, which only exist inside a running app."""
+    plain = OmegaConf.to_container(cfg, resolve=False)
+    plain.pop("hydra", None)
+    if "uri" in plain["tracking"]:
+        plain["tracking"]["uri"] = "sqlite:///mlflow.db"
+    return OmegaConf.to_container(OmegaConf.create(plain), resolve=True)
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
+def test_every_option_composes(group, option):
+    cfg = resolved(compose_train([f"{group}={option}"]))
+    assert cfg["dataset"]["num_classes"] > 0
+    # Every node the entrypoint instantiates names a target that imports.
+    nodes = [cfg["backbone"], cfg["margin"], cfg["optimizer"], cfg["tracking"], cfg["scheduler"], cfg["pfc"]["head"],
+             cfg["dataset"]["train"], *cfg["dataset"]["val"].values()]
+    for node in nodes:
+        assert callable(get_object(node["_target_"])), node["_target_"]
+
+
+def test_every_group_has_options():
+    for group in GROUPS:
+        assert options(group), f"conf/{group}/ is empty"
+
+
+@pytest.mark.parametrize("preset", ["ms1mv3_r50_onegpu", "ms1mv3_r50", "wf42m_pfc02_16gpus_r100",
+                                    "wf42m_pfc03_40epoch_8gpu_vit_b"])
+def test_reference_presets_exist(preset):
+    assert preset in options("experiment")
+
+
+def test_overrides_land():
+    cfg = resolved(compose_train(["backbone=r50", "pfc.rate=0.3", "optimizer=adamw", "optimizer.lr=1e-3",
+                                  "dataset=ms1mv3", "trainer.batch_size=64"]))
+    assert cfg["backbone"]["name"] == "r50"
+    assert cfg["pfc"]["head"]["sample_rate"] == 0.3
+    assert cfg["pfc"]["head"]["num_classes"] == 93431
+    assert cfg["optimizer"]["_target_"] == "torch.optim.AdamW" and cfg["optimizer"]["lr"] == 1e-3
+    assert cfg["trainer"]["batch_size"] == 64
+
+
+def test_presets_carry_reference_hyper_parameters():
+    cfg = resolved(compose_train(["experiment=wf42m_pfc02_16gpus_r100"]))
+    assert cfg["backbone"]["name"] == "r100"
+    assert cfg["dataset"]["num_classes"] == 2059906 and cfg["dataset"]["num_image"] == 42474557
+    assert cfg["pfc"]["rate"] == 0.2 and cfg["margin"]["m3"] == 0.4 and cfg["margin"]["m2"] == 0.0
+    assert cfg["optimizer"]["lr"] == 0.3 and cfg["trainer"]["batch_size"] == 256
+    assert cfg["trainer"]["warmup_epoch"] == 1 and cfg["trainer"]["num_epoch"] == 20
+    vit = resolved(compose_train(["experiment=wf42m_pfc03_40epoch_8gpu_vit_b"]))
+    assert vit["optimizer"]["_target_"] == "torch.optim.AdamW" and vit["trainer"]["gradient_acc"] == 12
+
+
+def test_command_line_beats_preset():
+    cfg = resolved(compose_train(["experiment=ms1mv3_r50", "pfc.rate=0.1", "backbone=r18"]))
+    assert cfg["pfc"]["head"]["sample_rate"] == 0.1 and cfg["backbone"]["name"] == "r18"
+
+
+@pytest.mark.parametrize("override,message", [
+    ("backbone=no_such_net", "Could not find 'backbone/no_such_net'"),
+    ("trainer.no_such_key=1", "Could not override 'trainer.no_such_key'"),
+])
+def test_unknown_options_fail_with_hydra_error(tmp_path, override, message):
+    proc = run_train([override], tmp_path)
+    assert proc.returncode != 0
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
