@@ -16,16 +16,19 @@ def frozen_running_stats(module: nn.Module) -> Iterator[None]:
     """BatchNorm keeps normalising with batch statistics but leaves its running averages alone.
 
     A checkpointed block runs its forward twice (once more during backward); without this its BatchNorm layers
-    would fold every batch into their running averages twice and drift from an uncheckpointed run.
+    would fold every batch into their running averages twice and drift from an uncheckpointed run. Momentum 0
+    keeps the averages (the op itself must stay the same, or checkpointing rejects the recomputation).
     """
     norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in norms]
     for m in norms:
-        m.track_running_stats = False
+        m.momentum = 0.0
     try:
         yield
     finally:
-        for m in norms:
-            m.track_running_stats = True
+        for m, (momentum, count) in zip(norms, saved):
+            m.momentum = momentum
+            m.num_batches_tracked.copy_(count)
 
 
 class Backbone(nn.Module):
@@ -51,7 +54,10 @@ class Backbone(nn.Module):
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def trunk_autocast(self, x: torch.Tensor) -> contextlib.AbstractContextManager:
+        if x.device.type == "meta":  # shape-only runs (counting MACs) have no autocast
+            return contextlib.nullcontext()
         dtype = PRECISIONS[self.precision]
+        # fp32 actively disables autocast, so an outer autocast region cannot leak into the trunk.
         return torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None)
 
     def run_blocks(self, blocks: Iterable[nn.Module], x: torch.Tensor) -> torch.Tensor:

@@ -47,7 +47,10 @@ class TimmBackbone(Backbone):
                 raise UserError(f"timm model {model_name!r} has no gradient checkpointing: "
                                 "set backbone.checkpointing=false") from None
         self.dropout = nn.Dropout(dropout)
-        self.fc = nn.Linear(self.trunk.num_features, embedding_size, bias=False)
+        # Models with a pre-logits layer (MobileNetV3, MambaOut, ...) return head_hidden_size features, not
+        # num_features, once their classifier is removed.
+        width = getattr(self.trunk, "head_hidden_size", None) or self.trunk.num_features
+        self.fc = nn.Linear(width, embedding_size, bias=False)
         self.features = nn.BatchNorm1d(embedding_size, eps=2e-5)
         self.finish_init()
 

@@ -96,7 +96,7 @@ class VisionTransformer(Backbone):
         self.patch_embed = PatchEmbed(patch_size, embed_dim)
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, embed_dim))
         # Stochastic depth grows linearly from 0 at the first block to `drop_path` at the last.
-        rates = torch.linspace(0, drop_path, depth).tolist()
+        rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]
         self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, r) for r in rates])
         self.norm = nn.LayerNorm(embed_dim)
         self.dropout = nn.Dropout(dropout)
