@@ -269,3 +269,14 @@ def test_vit_drop_path_is_an_option():
 def test_unknown_name_is_a_user_error():
     with pytest.raises(UserError, match="unknown backbone 'r51'.*any timm model name"):
         create_backbone("r51")
+
+
+def test_create_backbone_starts_from_weights(tmp_path):
+    path = tmp_path / "model.pt"
+    src = create_backbone("r_tiny", embedding_size=64)
+    torch.save(src.state_dict(), path)
+    dst = create_backbone("r_tiny", embedding_size=64, weights=str(path))
+    for k, v in src.state_dict().items():
+        assert torch.equal(v, dst.state_dict()[k]), k
+    with pytest.raises(UserError, match=r"does not fit backbone 'r_tiny'.*mis-shaped .*fc\.weight"):
+        create_backbone("r_tiny", embedding_size=128, weights=str(path))

@@ -10,6 +10,7 @@ from typing import Callable
 import torch.nn as nn
 
 from arcface.errors import UserError
+from arcface.models.checkpoint import load_backbone_weights
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 # family name -> (does it know this model name?, factory(model_name, **kwargs))
@@ -46,13 +47,18 @@ def list_backbones() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def create_backbone(name: str, **kwargs) -> nn.Module:
+def create_backbone(name: str, weights: str | None = None, **kwargs) -> nn.Module:
     """Build the backbone registered as `name`, or the family model of that name; it maps (B,3,112,112) in
-    [-1,1] to (B, embedding_size)."""
+    [-1,1] to (B, embedding_size). `weights`: a state_dict file to start from (this project's or the reference
+    model zoo's `model.pt` / `backbone.pth`), loaded with strict key and shape checks."""
     if name in _REGISTRY:
-        return _REGISTRY[name](**kwargs)
-    for knows, factory in _FAMILIES.values():
-        if knows(name):
-            return factory(name, **kwargs)
-    families = "".join(f", or any {f} model name" for f in _FAMILIES)
-    raise UserError(f"unknown backbone {name!r}: choose one of {', '.join(list_backbones())}{families}")
+        model = _REGISTRY[name](**kwargs)
+    else:
+        factory = next((f for knows, f in _FAMILIES.values() if knows(name)), None)
+        if factory is None:
+            families = "".join(f", or any {f} model name" for f in _FAMILIES)
+            raise UserError(f"unknown backbone {name!r}: choose one of {', '.join(list_backbones())}{families}")
+        model = factory(name, **kwargs)
+    if weights is not None:
+        load_backbone_weights(model, weights, name)
+    return model

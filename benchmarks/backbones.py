@@ -1,0 +1,135 @@
+"""Backbone throughput and memory on this machine: training (forward + backward) and eval images/s at batch 32,
+with and without gradient checkpointing and channels_last.
+
+    python benchmarks/backbones.py --out benchmarks/results/backbones.md
+    python benchmarks/backbones.py r50 --iters 5 --device cuda --precision bf16
+
+Memory is the peak of tensor bytes allocated during one training step (activations, gradients, temporaries;
+not the weights), and the part of it still held for backward when the forward ends. Both are counted by
+arcface.models.profiling.PeakMemory, so they are exact on CPU too; on CUDA the allocator's peak is also shown.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+from arcface.models import create_backbone
+from arcface.models.profiling import PeakMemory
+
+VARIANTS = {  # name: backbone options
+    "plain": {},
+    "checkpointing": {"checkpointing": True},
+    "channels_last": {"channels_last": True},
+}
+MB = 2**20
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train_step(model: torch.nn.Module, x: torch.Tensor) -> None:
+    model(x).square().mean().backward()
+    model.zero_grad(set_to_none=True)
+
+
+def measure(name: str, options: dict, args, device: torch.device) -> dict:
+    torch.manual_seed(0)
+    model = create_backbone(name, precision=args.precision, **options).to(device)
+    x = torch.rand(args.batch, 3, 112, 112, device=device) * 2 - 1
+    model.train()
+    # One untimed step under the memory tracker (also the warm-up): peak and what the forward keeps.
+    with PeakMemory() as mem:
+        out = model(x)
+        held = mem.current
+        out.square().mean().backward()
+    model.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(args.iters):
+        sync(device)
+        start = time.perf_counter()
+        train_step(model, x)
+        sync(device)
+        times.append(time.perf_counter() - start)
+    row = {"train": args.batch / statistics.median(times), "held": held / MB, "peak": mem.peak / MB}
+    if device.type == "cuda":
+        row["cuda_peak"] = torch.cuda.max_memory_allocated(device) / MB
+    model.eval()
+    with torch.no_grad():
+        model(x)  # warm-up
+        times = []
+        for _ in range(args.iters):
+            sync(device)
+            start = time.perf_counter()
+            model(x)
+            sync(device)
+            times.append(time.perf_counter() - start)
+    row["eval"] = args.batch / statistics.median(times)
+    return row
+
+
+def machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("names", nargs="*", default=["r18", "r50", "mbf", "vit_t"], metavar="NAME")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--iters", type=int, default=3, help="timed steps per measurement (median is shown)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
+    parser.add_argument("--out", help="also write the table, command, machine and date to this markdown file")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+
+    cuda = device.type == "cuda"
+    lines = ["| backbone | variant | train img/s | eval img/s | held after forward (MB) | peak fwd+bwd (MB) |"
+             + (" CUDA peak (MB) |" if cuda else ""),
+             "|---|---|---:|---:|---:|---:|" + ("---:|" if cuda else "")]
+    print(lines[0], lines[1], sep="\n", flush=True)
+    for name in args.names:
+        for variant in args.variants:
+            r = measure(name, VARIANTS[variant], args, device)
+            line = (f"| {name} | {variant} | {r['train']:.1f} | {r['eval']:.1f} | {r['held']:.0f} | {r['peak']:.0f} |"
+                    + (f" {r['cuda_peak']:.0f} |" if cuda else ""))
+            lines.append(line)
+            print(line, flush=True)
+    if args.out:
+        load = " ".join(f"{v:.2f}" for v in os.getloadavg())
+        header = [
+            "# Backbone benchmark",
+            "",
+            f"Command: `python benchmarks/{os.path.basename(__file__)} {' '.join(argv or sys.argv[1:])}`  ",
+            f"Machine: {machine(device)}; torch {torch.__version__}; precision {args.precision}; "
+            f"batch {args.batch}; median of {args.iters} steps  ",
+            f"Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; "
+            f"load average at the end (1/5/15 min): {load}",
+            "",
+        ]
+        with open(args.out, "w") as f:
+            f.write("\n".join(header + lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
