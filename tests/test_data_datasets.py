@@ -74,7 +74,8 @@ def test_label_beyond_num_classes_in_a_record(tmp_path):
         writer.write(pack(IRHeader(2, (2.0, 3.0)), b""), 0)
         writer.write(pack(IRHeader(0, 7.0, 1), jpeg), 1)
         writer.write(pack(IRHeader(2, (1.0, 2.0), 2), b""), 2)
-    data = RecordDataset(str(tmp_path), num_classes=3)
+    with pytest.warns(UserWarning, match=r"has 1 classes .* dataset.num_classes=3: the extra class centres"):
+        data = RecordDataset(str(tmp_path), num_classes=3)
     with pytest.raises(UserError, match=r"record 1 at offset \d+ .* label 7, outside 0..2"):
         data[0]
 

@@ -7,12 +7,10 @@ torchvision.io (see docs/data.md). Anything it cannot read (PNG, CMYK JPEG) or a
 from __future__ import annotations
 
 import io
-import warnings
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
 
 try:
     import simplejpeg
@@ -82,31 +80,3 @@ def fit(image: np.ndarray, height: int, width: int) -> np.ndarray:
     if image.shape[:2] == (height, width):
         return image
     return np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR))
-
-
-def warn_if_resized(sample: bytes, size: int, source: str) -> None:
-    """Warn once, at start-up, when a dataset's first image is not `size`x`size` (its images get resized)."""
-    try:
-        height, width = decode_rgb(sample).shape[:2]
-    except ValueError:
-        return  # a broken image is reported, with its location, when it is loaded
-    if (height, width) != (size, size):
-        warnings.warn(f"images in {source} are {width}x{height} (first one checked) and are resized to "
-                      f"{size}x{size}; training expects aligned face crops of that size, so align them first or "
-                      f"pack them once with `python tools/pack_rec.py --size {size}`", stacklevel=3)
-
-
-class EncodedImageDataset(Dataset):
-    """Base of datasets that store encoded images: subclasses implement `load_into`, which the batch loader calls
-    to decode straight into a batch; `__getitem__` gives the per-image contract on top of it."""
-
-    image_size = 112
-
-    def load_into(self, index: int, out: np.ndarray) -> int:
-        """Decode image `index` into `out` (uint8 (H, W, 3)) and return its label."""
-        raise NotImplementedError
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        out = np.empty((self.image_size, self.image_size, 3), dtype=np.uint8)
-        label = self.load_into(index, out)
-        return torch.from_numpy(out).permute(2, 0, 1), label

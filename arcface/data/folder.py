@@ -5,7 +5,8 @@ import os
 
 import numpy as np
 
-from arcface.data.decode import EncodedImageDataset, decode_into, warn_if_resized
+from arcface.data.base import EncodedImageDataset, check_num_classes, warn_if_resized
+from arcface.data.decode import decode_into
 from arcface.errors import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -40,12 +41,10 @@ class ImageFolderDataset(EncodedImageDataset):
             self.classes.append(name)
             paths += files
             labels += [label] * len(files)
-        if len(self.classes) > self.num_classes:
-            raise UserError(f"{root} has {len(self.classes)} identity folders but dataset.num_classes="
-                            f"{self.num_classes}: set dataset.num_classes={len(self.classes)}.")
         if not paths:
             raise UserError(f"{root} has no images ({', '.join(IMAGE_EXTENSIONS)}) in identity sub-folders: "
                             f"lay it out as {root}/<identity>/<image>.jpg.")
+        check_num_classes(len(self.classes), self.num_classes, f"{root} has {len(self.classes)} identity folders")
         self.paths = paths
         self.labels = np.asarray(labels, dtype=np.int64)
         warn_if_resized(self._read(0), image_size, root)

@@ -5,7 +5,8 @@ import os
 
 import numpy as np
 
-from arcface.data.decode import EncodedImageDataset, decode_into, warn_if_resized
+from arcface.data.base import EncodedImageDataset, check_num_classes, warn_if_resized
+from arcface.data.decode import decode_into
 from arcface.data.recordio import RecordReader, first_label, read_layout
 from arcface.errors import UserError
 
@@ -40,9 +41,7 @@ class RecordDataset(EncodedImageDataset):
             found, what = self.layout.num_identities, "identity records"
         else:
             found, what = int(max(first_label(self.reader.read_header(int(k))) for k in self.keys)) + 1, "labels"
-        if found > self.num_classes:
-            raise UserError(f"{self.reader.rec_path} has {found} classes (from its {what}) but dataset.num_classes="
-                            f"{self.num_classes}: set dataset.num_classes={found}.")
+        check_num_classes(found, self.num_classes, f"{self.reader.rec_path} has {found} classes (from its {what})")
 
     def __len__(self) -> int:
         return len(self.keys)
