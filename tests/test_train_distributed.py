@@ -1,0 +1,31 @@
+"""The real entrypoint on two gloo ranks through the torchrun launcher."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from arcface.models import create_backbone
+from conftest import REPO, TINY
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_ranks_train_and_agree(tmp_path):
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": "1"}
+    cmd = [str(REPO / "launchers" / "torchrun.sh"), "2", *TINY, "tracking=none", f"hydra.run.dir={tmp_path / 'run'}"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-3000:]
+    assert "on 2 cpu process(es)" in log and "step 3/3" in log
+    state = torch.load(tmp_path / "run" / "model.pt", map_location="cpu")
+    create_backbone("r_tiny", embedding_size=64).load_state_dict(state, strict=True)
