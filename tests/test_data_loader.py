@@ -120,3 +120,13 @@ def test_prepare_batch_scales_flips_and_is_contiguous():
     mirrored = [torch.allclose(x[i], expected[i].flip(2), atol=1e-6) for i in range(64)]
     assert all(s or m for s, m in zip(same, mirrored)) and 10 < sum(mirrored) < 54
     assert torch.allclose(prepare_batch(images, CPU, flip=False), expected, atol=1e-6)
+
+
+def test_abandoned_epoch_does_not_leak_into_the_next(record_data):
+    # Workers may still be filling ring slots of the abandoned epoch when the next one starts.
+    serial = build_loader(record_data, 4, rank=0, world_size=1, seed=2, num_workers=0, device=CPU)
+    parallel = build_loader(record_data, 4, rank=0, world_size=1, seed=2, num_workers=2, device=CPU)
+    parallel.set_epoch(0)
+    next(iter(parallel))
+    for (ia, la), (ib, lb) in zip(_collect(serial, 1), _collect(parallel, 1)):
+        assert torch.equal(ia, ib) and torch.equal(la, lb)
