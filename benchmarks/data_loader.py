@@ -2,11 +2,13 @@
 
     python benchmarks/data_loader.py [--images 5000] [--out benchmarks/results/data_loader.md]
 
-Every path ends in what the network consumes, float32 (B,3,112,112) in [-1,1] with random flips, on the CPU:
+Every path but one ends in what the network consumes, float32 (B,3,112,112) in [-1,1] with random flips, on the
+CPU:
 - baseline: the reference's per-image path (read record -> PIL decode -> ToPILImage / RandomHorizontalFlip /
   ToTensor / Normalize, torchvision transforms), batched by a DataLoader with 0 and 2 workers;
 - decode only, per decoder (what `arcface.data.decode` chose from);
-- the project's loader (`build_loader` + `prepare_batch`) with 0, 1 and 2 workers;
+- the project's loader (`build_loader` + `prepare_batch`) with 0, 1 and 2 workers, and with 2 workers alone
+  (uint8 batches: the CPU's share of a GPU run, where `prepare_batch` runs on the GPU);
 - DALI's CPU pipeline as the reference builds it (mxnet reader -> decoder -> crop_mirror_normalize), 2 threads,
   and the project's DALI loader + `prepare_batch`.
 Each path runs one warm-up epoch (worker start-up, page cache), then the median of --epochs timed epochs.
@@ -92,9 +94,11 @@ def bench_baseline(data: RecordDataset, workers: int, epochs: int) -> float:
     return timed_epochs(lambda: sum(len(x) for x, _ in loader), epochs)
 
 
-def bench_project(data: RecordDataset, workers: int, epochs: int) -> float:
+def bench_project(data: RecordDataset, workers: int, epochs: int, prepare: bool = True) -> float:
     loader = build_loader(data, BATCH, rank=0, world_size=1, seed=0, num_workers=workers, device=CPU)
-    return timed_epochs(lambda: through_network_input(loader), epochs)
+    if prepare:
+        return timed_epochs(lambda: through_network_input(loader), epochs)
+    return timed_epochs(lambda: sum(len(images) for images, _ in loader), epochs)
 
 
 def decoders() -> dict:
@@ -176,6 +180,7 @@ def main(argv=None) -> int:
     parser.add_argument("--images", type=int, default=5000)
     parser.add_argument("--epochs", type=int, default=3, help="timed epochs per path (median reported)")
     parser.add_argument("--out", default="benchmarks/results/data_loader.md")
+    parser.add_argument("--note", default="", help="a paragraph appended to the results (e.g. what else ran)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # the loaders' own processes/threads are the parallelism under test
     load_before = load_average()
@@ -195,6 +200,8 @@ def main(argv=None) -> int:
             record(f"decode only: {name}", rate)
         for workers in (0, 1, 2):
             record(f"project loader + prepare_batch, {workers} workers", bench_project(data, workers, args.epochs))
+        # On a GPU run prepare_batch runs on the GPU: the CPU side is the loader alone.
+        record("project loader alone (uint8 batches), 2 workers", bench_project(data, 2, args.epochs, prepare=False))
         record("DALI CPU, reference pipeline, 2 threads", bench_dali_reference(data, args.epochs))
         record("project DALI loader (CPU, 2 threads) + prepare_batch", bench_dali_project(data, args.epochs))
     baseline = dict(rows)["baseline: reference per-image path, 2 workers"]
@@ -210,12 +217,13 @@ def main(argv=None) -> int:
         "",
         f"Data: {len(data)} images of 112x112, JPEG q95 4:2:0 (mean {mean_jpeg / 1024:.1f} KB per record), "
         f"InsightFace layout; batch {BATCH}; median of {args.epochs} epochs after a warm-up epoch. Every loader "
-        "row ends in float32 [-1,1] flipped batches on the CPU.",
+        "row but the `loader alone` one ends in float32 [-1,1] flipped batches on the CPU.",
         "",
         "| path | images/s | vs baseline (2 workers) |",
         "|---|---:|---:|",
         *[f"| {name} | {rate:.0f} | {rate / baseline:.2f}x |" for name, rate in rows],
         "",
+        *([args.note, ""] if args.note else []),
     ]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines))
