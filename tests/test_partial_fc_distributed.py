@@ -88,7 +88,7 @@ def test_rate_one_equals_single_process_softmax(run, name):
         for key, value in margin.named_buffers():  # running statistics agree on every rank
             torch.testing.assert_close(r["buffers"][key], value, atol=1e-6, rtol=1e-6)
     weight_grad = torch.cat([res[name]["weight_grad"] for res in results])
-    torch.testing.assert_close(weight_grad, weight.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(weight_grad, weight.grad, atol=1e-4, rtol=1e-4)  # scale 1/|w|, |w| ~ 0.04
 
 
 @pytest.mark.parametrize("opt", sorted(OPTIMIZERS))

@@ -16,29 +16,53 @@ import torch.nn as nn
 from arcface.errors import UserError
 
 
-def _rows(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(row indices, row gradients) of a sparse gradient; duplicates (e.g. accumulated micro-batches) summed."""
-    grad = grad.coalesce()
-    return grad.indices()[0], grad.values()
+class _RowBlock:
+    """A block of rows of a sparse gradient, and reading/writing the same rows of same-shaped tensors.
+
+    When the gradient covers every row (sample rate 1) a block is a slice, read and updated in place without copies.
+    """
+
+    def __init__(self, index: torch.Tensor, grad: torch.Tensor, rows: slice | None):
+        self.index, self.grad, self.rows = index, grad, rows
+
+    def take(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor[self.rows] if self.rows is not None else tensor.index_select(0, self.index)
+
+    def put(self, tensor: torch.Tensor, values: torch.Tensor) -> None:
+        if self.rows is None:
+            tensor.index_copy_(0, self.index, values)
+
+
+def row_blocks(grad: torch.Tensor, block_rows: int = 1 << 15):
+    """The rows of a sparse gradient in blocks, so the optimizer's temporaries stay small whatever the sample."""
+    index, values = grad._indices()[0], grad._values()
+    if not bool((index[1:] > index[:-1]).all()):  # duplicates (e.g. accumulated micro-batches) or unsorted
+        grad = grad.coalesce()
+        index, values = grad.indices()[0], grad.values()
+    every_row = index.numel() == grad.shape[0]
+    for start in range(0, index.numel(), block_rows):
+        stop = min(start + block_rows, index.numel())
+        yield _RowBlock(index[start:stop], values[start:stop], slice(start, stop) if every_row else None)
 
 
 @torch.no_grad()
 def sgd_rows(param: torch.Tensor, grad: torch.Tensor, state: dict, group: dict) -> None:
     """torch.optim.SGD on the given rows (weight decay, momentum, dampening, nesterov, maximize)."""
-    index, g = _rows(grad)
-    if group["maximize"]:
-        g = -g
-    w = param.index_select(0, index)
-    if group["weight_decay"]:
-        g = g.add(w, alpha=group["weight_decay"])
-    momentum = group["momentum"]
-    if momentum:
+    lr, wd, momentum, dampening = group["lr"], group["weight_decay"], group["momentum"], group["dampening"]
+    if momentum and "momentum_buffer" not in state:
         # A zero buffer makes a row's first update buf = g, as torch's first step does (dampening aside).
-        buf_all = state.setdefault("momentum_buffer", torch.zeros_like(param))
-        buf = buf_all.index_select(0, index).mul_(momentum).add_(g, alpha=1 - group["dampening"])
-        buf_all.index_copy_(0, index, buf)
-        g = g.add(buf, alpha=momentum) if group["nesterov"] else buf
-    param.index_copy_(0, index, w.add_(g, alpha=-group["lr"]))
+        state["momentum_buffer"] = torch.zeros_like(param)
+    for rows in row_blocks(grad):
+        g = -rows.grad if group["maximize"] else rows.grad
+        w = rows.take(param)
+        if not momentum:
+            w.add_(g.add(w, alpha=wd), alpha=-lr)
+        else:
+            buf = rows.take(state["momentum_buffer"]).mul_(momentum)
+            buf.add_(g, alpha=1 - dampening).add_(w, alpha=wd * (1 - dampening))
+            rows.put(state["momentum_buffer"], buf)
+            w.add_(g.add(w, alpha=wd).add_(buf, alpha=momentum) if group["nesterov"] else buf, alpha=-lr)
+        rows.put(param, w)
 
 
 @torch.no_grad()
@@ -46,29 +70,27 @@ def adam_rows(param: torch.Tensor, grad: torch.Tensor, state: dict, group: dict)
     """torch.optim.Adam / AdamW on the given rows, with a step count per row for the bias corrections."""
     if group.get("amsgrad"):
         raise UserError("amsgrad is not supported for the classifier's sparse rows: set optimizer.amsgrad=false")
-    index, g = _rows(grad)
-    if group["maximize"]:
-        g = -g
     if not state:
         state["step"] = torch.zeros(param.shape[0], dtype=torch.float32, device=param.device)
         state["exp_avg"] = torch.zeros_like(param)
         state["exp_avg_sq"] = torch.zeros_like(param)
     lr, (beta1, beta2), wd = group["lr"], group["betas"], group["weight_decay"]
-    w = param.index_select(0, index)
-    if wd and group.get("decoupled_weight_decay"):
-        w.mul_(1 - lr * wd)
-    elif wd:
-        g = g.add(w, alpha=wd)
-    step = state["step"].index_select(0, index).add_(1)
-    state["step"].index_copy_(0, index, step)
-    exp_avg = state["exp_avg"].index_select(0, index).lerp_(g, 1 - beta1)
-    exp_avg_sq = state["exp_avg_sq"].index_select(0, index).mul_(beta2).addcmul_(g, g, value=1 - beta2)
-    state["exp_avg"].index_copy_(0, index, exp_avg)
-    state["exp_avg_sq"].index_copy_(0, index, exp_avg_sq)
-    bias1 = (1 - beta1 ** step).unsqueeze(1)
-    bias2_sqrt = (1 - beta2 ** step).sqrt().unsqueeze(1)
-    denom = exp_avg_sq.sqrt_().div_(bias2_sqrt).add_(group["eps"])
-    param.index_copy_(0, index, w.sub_(exp_avg.div_(denom).div_(bias1).mul_(lr)))
+    for rows in row_blocks(grad):
+        g = -rows.grad if group["maximize"] else rows.grad
+        w = rows.take(param)
+        if wd and group.get("decoupled_weight_decay"):
+            w.mul_(1 - lr * wd)
+        elif wd:
+            g = g.add(w, alpha=wd)
+        step = rows.take(state["step"]).add_(1)
+        exp_avg = rows.take(state["exp_avg"]).lerp_(g, 1 - beta1)
+        exp_avg_sq = rows.take(state["exp_avg_sq"]).mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        for name, value in (("step", step), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+            rows.put(state[name], value)
+        bias1 = (1 - beta1 ** step).unsqueeze(1)
+        bias2_sqrt = (1 - beta2 ** step).sqrt().unsqueeze(1)
+        denom = (exp_avg_sq.sqrt() / bias2_sqrt).add_(group["eps"])
+        rows.put(param, w.sub_((exp_avg / denom).div_(bias1).mul_(lr)))
 
 
 # Row-wise counterpart of each supported torch optimizer (AdamW is a subclass of Adam).

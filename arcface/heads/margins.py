@@ -106,7 +106,7 @@ class CombinedMargin(Margin):
         new_target = self.transform(target)
         if self.straight_through:
             new_target = target + (new_target - target).detach()
-        return logits.index_put((rows, cols), new_target.to(logits.dtype)) * self.s
+        return logits.index_put((rows, cols), new_target.to(logits.dtype)).mul_(self.s)
 
     def extra_repr(self) -> str:
         return (f"m1={self.m1}, m2={self.m2}, m3={self.m3}, straight_through={self.straight_through}, "
@@ -139,7 +139,7 @@ class CurricularFace(Margin):
         logits = torch.where(hard, logits * (self.t.to(logits.dtype) + logits), logits)
         theta = torch.acos(_precise(logits[rows, cols]).clamp(-1 + _COS_EPS, 1 - _COS_EPS))
         new_target = monotone_cos(theta + self.m)
-        return logits.index_put((rows, cols), new_target.to(logits.dtype)) * self.s
+        return logits.index_put((rows, cols), new_target.to(logits.dtype)).mul_(self.s)
 
     def extra_repr(self) -> str:
         return f"m={self.m}, momentum={self.momentum}, {super().extra_repr()}"
@@ -175,7 +175,7 @@ class AdaFace(Margin):
             z = ((norms - self.norm_mean) / (self.norm_std + 1e-3) * self.h).clamp(-1, 1)[rows]
         theta = torch.acos(_precise(logits[rows, cols]).clamp(-1 + _COS_EPS, 1 - _COS_EPS))
         new_target = torch.cos((theta - self.m * z).clamp(_COS_EPS, math.pi - _COS_EPS)) - self.m * (1 + z)
-        return logits.index_put((rows, cols), new_target.to(logits.dtype)) * self.s
+        return logits.index_put((rows, cols), new_target.to(logits.dtype)).mul_(self.s)
 
     def extra_repr(self) -> str:
         return f"m={self.m}, h={self.h}, momentum={self.momentum}, {super().extra_repr()}"

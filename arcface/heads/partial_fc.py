@@ -21,23 +21,51 @@ from arcface.heads.softmax import sharded_cross_entropy
 _LOGITS_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-class _SampledRows(torch.autograd.Function):
-    """weight[index] whose gradient is a sparse (coalesced) tensor of just those rows."""
+class _SampledCosine(torch.autograd.Function):
+    """Cosines between unit embeddings and rows `index` of `weight`, with the matmuls in `dtype`.
+
+    The row normalisation is folded into the gradient, d cos_ij / d w_j = e_i / |w_j| - cos_ij * w_j / |w_j|^2,
+    so no normalised copy of the rows exists, and the backward turns the one gathered copy of the sampled rows
+    into their gradient in place: memory beyond the centres is one (sampled rows, D) buffer.
+    The gradient for `weight` is a sparse tensor of just the sampled rows, or dense (zero elsewhere, the
+    reference's design) with `sparse=False`.
+    """
 
     @staticmethod
-    def forward(ctx, weight: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(index)
-        ctx.weight_shape = weight.shape
-        if index.numel() == weight.shape[0]:  # every row (index is sorted and unique): no copy
-            return weight.view_as(weight)
-        return weight.index_select(0, index)
+    def forward(ctx, embeddings, weight, index, dtype, sparse):
+        every_row = index.numel() == weight.shape[0]  # index is sorted and unique
+        rows = weight if every_row else weight.index_select(0, index)
+        inv_norm = rows.float().norm(dim=1).clamp_min_(1e-12).reciprocal_()
+        cosine = (embeddings.to(dtype) @ rows.to(dtype).T).float().mul_(inv_norm)
+        ctx.save_for_backward(embeddings, weight, index, inv_norm, cosine)
+        ctx.rows = None if every_row else rows  # a private copy: the backward may overwrite it
+        ctx.dtype, ctx.sparse, ctx.every_row = dtype, sparse, every_row
+        return cosine
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (index,) = ctx.saved_tensors
-        sparse = torch.sparse_coo_tensor(index.unsqueeze(0), grad, ctx.weight_shape, is_coalesced=True,
-                                         check_invariants=False)
-        return sparse, None
+    def backward(ctx, grad):
+        embeddings, weight, index, inv_norm, cosine = ctx.saved_tensors
+        if not ctx.every_row and ctx.rows is None:
+            raise RuntimeError("the Partial FC graph was already backpropagated; run the forward pass again")
+        rows = weight if ctx.every_row else ctx.rows
+        ctx.rows = None
+        scaled = grad * inv_norm
+        grad_embeddings = (scaled.to(ctx.dtype) @ rows.to(ctx.dtype)).to(embeddings.dtype)
+        radial = (grad * cosine).sum(0).mul_(inv_norm.square()).unsqueeze(1).to(weight.dtype)
+        # grad_rows = scaled^T e - radial * rows, written over our copy of the rows (their last use was above).
+        grad_rows = torch.mul(weight, radial).neg_() if ctx.every_row else rows.mul_(radial).neg_()
+        if ctx.dtype == weight.dtype:
+            grad_rows.addmm_(scaled.T, embeddings.to(ctx.dtype))
+        else:
+            grad_rows += (scaled.T.to(ctx.dtype) @ embeddings.to(ctx.dtype)).to(weight.dtype)
+        if ctx.sparse:
+            grad_weight = torch.sparse_coo_tensor(index.unsqueeze(0), grad_rows, weight.shape, is_coalesced=True,
+                                                  check_invariants=False)
+        elif ctx.every_row:
+            grad_weight = grad_rows
+        else:
+            grad_weight = torch.zeros_like(weight).index_copy_(0, index, grad_rows)
+        return grad_embeddings.to(embeddings.dtype), grad_weight, None, None, None
 
 
 class PartialFC(nn.Module):
@@ -86,11 +114,9 @@ class PartialFC(nn.Module):
         index = sample_centres(torch.unique(local[mine]), self.num_local, self.num_sample, self._generator())
         local_labels = torch.where(mine, torch.searchsorted(index, local), -1)
 
-        if self.sparse_update:
-            centres = _SampledRows.apply(self.weight, index)
-        else:
-            centres = self.weight.index_select(0, index)
-        logits = self._cosine(all_embeddings, centres)
+        with torch.autocast(all_embeddings.device.type, enabled=False):  # the head sets its own precision
+            unit = F.normalize(all_embeddings.float())
+            logits = _SampledCosine.apply(unit, self.weight, index, self.logits_dtype, self.sparse_update)
 
         # Margins may need every row's target cosine (it lives on one shard) and the embedding norms.
         rows = torch.nonzero(local_labels >= 0).squeeze(1)
@@ -101,13 +127,6 @@ class PartialFC(nn.Module):
 
         logits = self.margin(logits, local_labels, target_cosine=target_cosine, norms=norms)
         return sharded_cross_entropy(logits.float(), local_labels)
-
-    def _cosine(self, embeddings: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
-        """Cosine logits (float32) with the matmul in `logits_dtype`, whatever autocast region encloses the head."""
-        with torch.autocast(embeddings.device.type, enabled=False):
-            e = F.normalize(embeddings.float()).to(self.logits_dtype)
-            w = F.normalize(centres.float()).to(self.logits_dtype)
-            return F.linear(e, w).float()
 
     def _generator(self) -> torch.Generator:
         if self._sampler is None or self._sampler.device != self.weight.device:

@@ -24,4 +24,7 @@ def sample_centres(positive: torch.Tensor, num_local: int, num_sample: int,
     # Random scores with positives forced above every negative: top-k keeps them and a uniform set of negatives.
     scores = torch.rand(num_local, device=positive.device, generator=generator)
     scores[positive] = 2.0
-    return scores.topk(num_sample, sorted=False).indices.sort().values
+    # A mask read back with nonzero() comes out sorted in O(num_local), far cheaper than sorting the indices.
+    keep = torch.zeros(num_local, dtype=torch.bool, device=positive.device)
+    keep[scores.topk(num_sample, sorted=False).indices] = True
+    return keep.nonzero().squeeze(1)
