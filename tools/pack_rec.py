@@ -42,9 +42,10 @@ def list_items(list_file: str) -> Iterator[tuple[int, str]]:
                                 f"fix that line.")
             path, label = (fields[-1], fields[1]) if len(fields) >= 3 else (fields[0], fields[1])
             try:
-                yield int(float(label)), os.path.join(base, path)
+                number_label = int(float(label))
             except ValueError:
-                raise UserError(f"{list_file} line {number} has label {label!r}, not a number: fix that line.") from None
+                raise UserError(f"{list_file} line {number} has label {label!r}, not a number: fix it.") from None
+            yield number_label, os.path.join(base, path)
 
 
 def count_items(src: str) -> int | None:
@@ -76,8 +77,9 @@ def pack(src: str, out_dir: str, *, size: int, quality: int, workers: int, reenc
     errors: list[str] = []
     written = 0
     pending: deque = deque()
-    with replaced_on_success(*outputs) as (rec, idx), (PlainWriter if plain else InsightFaceWriter)(rec, idx) as writer, \
-            Pool(workers) as pool, tqdm(total=count_items(src), unit="img", mininterval=1) as bar:
+    layout = PlainWriter if plain else InsightFaceWriter
+    with replaced_on_success(*outputs) as (rec, idx), layout(rec, idx) as writer, Pool(workers) as pool, \
+            tqdm(total=count_items(src), unit="img", mininterval=1) as bar:
         def drain(labels, result):
             nonlocal written
             for label, data in zip(labels, result.get()):
