@@ -54,7 +54,7 @@ class DaliLoader:
         self.device = torch.device(device)
         gpu = self.device.type == "cuda"
         pipe = _pipeline(batch_size=batch_size, num_threads=num_threads,
-                         device_id=(self.device.index or 0) if gpu else None, seed=seed,
+                         device_id=_cuda_index(self.device) if gpu else None, seed=seed,
                          rec=dataset.reader.rec_path, idx=image_index(dataset), shard_id=rank, num_shards=world_size,
                          initial_fill=min(initial_fill, len(dataset)), decode_device="mixed" if gpu else "cpu")
         self.iterator = DALIGenericIterator([pipe], ["images", "labels"], reader_name="reader",
@@ -80,6 +80,10 @@ class DaliLoader:
             if i >= skip:
                 yield out["images"], out["labels"].reshape(-1).long()
         self._mid_epoch = False
+
+
+def _cuda_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 def _pipeline(*, batch_size, num_threads, device_id, seed, rec, idx, shard_id, num_shards, initial_fill,
