@@ -40,10 +40,10 @@ class ShardedBatchSampler:
 
     def shard(self) -> np.ndarray:
         """This rank's indices for the current epoch, in reading order."""
+        # int32 halves the permutation's memory (170 MB for 42M images) wherever the indices fit
+        order = np.arange(self.size, dtype=np.int32 if self.size < 2**31 else np.int64)
         if self.shuffle:
-            order = np.random.default_rng([self.seed, self.epoch]).permutation(self.size)
-        else:
-            order = np.arange(self.size)
+            np.random.default_rng([self.seed, self.epoch]).shuffle(order)
         per_rank = self.size // self.world_size
         return order[self.rank:per_rank * self.world_size:self.world_size]
 
