@@ -254,11 +254,6 @@ class RecordReader:
             self._pid = os.getpid()
         return self._fd
 
-    def close(self) -> None:
-        if self._fd is not None and self._pid == os.getpid():
-            os.close(self._fd)
-        self._fd = self._pid = None
-
     def keys(self) -> np.ndarray:
         return self._require_index().keys
 
