@@ -165,3 +165,15 @@ def spawn_gloo(fn, world_size: int, *args) -> None:
     import torch.multiprocessing as mp
 
     mp.spawn(_gloo_worker, args=(fn, world_size, _free_port(), args), nprocs=world_size, join=True)
+
+
+def sum_allreduce_hook(process_group, bucket):
+    """DDP communication hook that sums gradients over ranks instead of averaging them.
+
+    The Partial FC loss is already the mean over the global batch, and its all-gather hands each rank the exact
+    gradient of that loss for its own embeddings; each rank's backbone gradient is then one term of a sum, and
+    DDP's default averaging would shrink it W-fold. Use `ddp_model.register_comm_hook(None, sum_allreduce_hook)`.
+    """
+    group = process_group if process_group is not None else dist.group.WORLD
+    future = dist.all_reduce(bucket.buffer(), group=group, async_op=True).get_future()
+    return future.then(lambda f: f.value()[0])

@@ -123,7 +123,7 @@ def test_row_updates_equal_torch_optimizer_when_every_row_is_sampled(factory):
             opt.zero_grad(set_to_none=True)
             head(emb, labels).backward()
             opt.step()
-        torch.testing.assert_close(sparse_head.weight, dense_head.weight, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(sparse_head.weight, dense_head.weight, atol=1e-5, rtol=1e-4)
     assert dense_head.weight.grad.layout == torch.strided
 
 

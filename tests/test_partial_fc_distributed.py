@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from arcface.distributed import spawn_gloo
+from arcface.distributed import spawn_gloo, sum_allreduce_hook
 from arcface.engine.optim import build_optimizer
 from arcface.heads import AdaFace, CombinedMargin, CurricularFace, PartialFC
 
@@ -31,6 +31,11 @@ def _head(margin, rate, weight_full) -> PartialFC:
     with torch.no_grad():
         head.weight.copy_(weight_full[head.class_start:head.class_start + head.num_local])
     return head
+
+
+def _backbone() -> nn.Linear:
+    torch.manual_seed(3)
+    return nn.Linear(D, D)
 
 
 def _worker(rank: int, world: int, out_dir: str) -> None:
@@ -56,6 +61,11 @@ def _worker(rank: int, world: int, out_dir: str) -> None:
         results[name] = {"loss": loss.detach(), "sampled": head.weight.grad.coalesce().indices()[0] + head.class_start,
                          "start": head.class_start, "num_local": head.num_local, "before": before, "after": head.weight.detach().clone(),
                          "state": {k: v.clone() for k, v in optimizer.state[head.weight].items()}}
+    # DDP with gradients summed over ranks gives the backbone the gradient of the global loss.
+    ddp = nn.parallel.DistributedDataParallel(_backbone())
+    ddp.register_comm_hook(None, sum_allreduce_hook)
+    _head(CombinedMargin(), 1.0, weight_full)(ddp(emb_all[mine]), labels).backward()
+    results["backbone_grad"] = ddp.module.weight.grad
     torch.save(results, f"{out_dir}/{rank}.pt")
 
 
@@ -111,3 +121,12 @@ def test_sampling_across_ranks(run, opt):
         assert not torch.equal(r["after"][~untouched], r["before"][~untouched])
         for value in r["state"].values():
             assert not value[untouched].any()
+
+
+def test_ddp_with_summed_gradients_matches_single_process(run):
+    world, results = run
+    emb_all, labels_all, weight_full = _data(world)
+    backbone = _backbone()
+    _full_softmax(backbone(emb_all), labels_all, weight_full, CombinedMargin()).backward()
+    for res in results:
+        torch.testing.assert_close(res["backbone_grad"], backbone.weight.grad, atol=1e-5, rtol=1e-5)

@@ -32,6 +32,13 @@ class _RowBlock:
         if self.rows is None:
             tensor.index_copy_(0, self.index, values)
 
+    def add(self, tensor: torch.Tensor, values: torch.Tensor, alpha: float) -> None:
+        """tensor[rows] += alpha * values, in one pass over the rows."""
+        if self.rows is None:
+            tensor.index_add_(0, self.index, values, alpha=alpha)
+        else:
+            tensor[self.rows].add_(values, alpha=alpha)
+
 
 def row_blocks(grad: torch.Tensor, block_rows: int = 1 << 15):
     """The rows of a sparse gradient in blocks, so the optimizer's temporaries stay small whatever the sample."""
@@ -54,15 +61,18 @@ def sgd_rows(param: torch.Tensor, grad: torch.Tensor, state: dict, group: dict) 
         state["momentum_buffer"] = torch.zeros_like(param)
     for rows in row_blocks(grad):
         g = -rows.grad if group["maximize"] else rows.grad
-        w = rows.take(param)
-        if not momentum:
-            w.add_(g.add(w, alpha=wd), alpha=-lr)
-        else:
-            buf = rows.take(state["momentum_buffer"]).mul_(momentum)
-            buf.add_(g, alpha=1 - dampening).add_(w, alpha=wd * (1 - dampening))
+        if wd:  # the decayed gradient g + wd * w (the weights themselves are updated with one index_add below)
+            g = torch.add(g, rows.take(param), alpha=wd)
+        if momentum:
+            # buf = momentum * buf + (1 - dampening) * g, in one pass when there is no dampening.
+            buf = rows.take(state["momentum_buffer"])
+            if dampening:
+                buf.mul_(momentum).add_(g, alpha=1 - dampening)
+            else:
+                torch.add(g, buf, alpha=momentum, out=buf)
             rows.put(state["momentum_buffer"], buf)
-            w.add_(g.add(w, alpha=wd).add_(buf, alpha=momentum) if group["nesterov"] else buf, alpha=-lr)
-        rows.put(param, w)
+            g = g.add(buf, alpha=momentum) if group["nesterov"] else buf
+        rows.add(param, g, alpha=-lr)
 
 
 @torch.no_grad()

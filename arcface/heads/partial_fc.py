@@ -27,19 +27,18 @@ class _SampledCosine(torch.autograd.Function):
     The row normalisation is folded into the gradient, d cos_ij / d w_j = e_i / |w_j| - cos_ij * w_j / |w_j|^2,
     so no normalised copy of the rows exists, and the backward turns the one gathered copy of the sampled rows
     into their gradient in place: memory beyond the centres is one (sampled rows, D) buffer.
-    The gradient for `weight` is a sparse tensor of just the sampled rows, or dense (zero elsewhere, the
-    reference's design) with `sparse=False`.
+    The gradient for `weight` is a sparse tensor of just the sampled rows.
     """
 
     @staticmethod
-    def forward(ctx, embeddings, weight, index, dtype, sparse):
+    def forward(ctx, embeddings, weight, index, dtype):
         every_row = index.numel() == weight.shape[0]  # index is sorted and unique
         rows = weight if every_row else weight.index_select(0, index)
         inv_norm = rows.float().norm(dim=1).clamp_min_(1e-12).reciprocal_()
         cosine = (embeddings.to(dtype) @ rows.to(dtype).T).float().mul_(inv_norm)
         ctx.save_for_backward(embeddings, weight, index, inv_norm, cosine)
         ctx.rows = None if every_row else rows  # a private copy: the backward may overwrite it
-        ctx.dtype, ctx.sparse, ctx.every_row = dtype, sparse, every_row
+        ctx.dtype, ctx.every_row = dtype, every_row
         return cosine
 
     @staticmethod
@@ -58,14 +57,9 @@ class _SampledCosine(torch.autograd.Function):
             grad_rows.addmm_(scaled.T, embeddings.to(ctx.dtype))
         else:
             grad_rows += (scaled.T.to(ctx.dtype) @ embeddings.to(ctx.dtype)).to(weight.dtype)
-        if ctx.sparse:
-            grad_weight = torch.sparse_coo_tensor(index.unsqueeze(0), grad_rows, weight.shape, is_coalesced=True,
-                                                  check_invariants=False)
-        elif ctx.every_row:
-            grad_weight = grad_rows
-        else:
-            grad_weight = torch.zeros_like(weight).index_copy_(0, index, grad_rows)
-        return grad_embeddings.to(embeddings.dtype), grad_weight, None, None, None
+        grad_weight = torch.sparse_coo_tensor(index.unsqueeze(0), grad_rows, weight.shape, is_coalesced=True,
+                                              check_invariants=False)
+        return grad_embeddings, grad_weight, None, None
 
 
 class PartialFC(nn.Module):
@@ -74,7 +68,8 @@ class PartialFC(nn.Module):
     sample_rate: fraction of each shard's centres used per step (1.0 = full softmax, 0 = positives only).
     logits_dtype: precision of the cosine matmul ("float32", "float16", "bfloat16"; `fp16_logits=True` is
         shorthand for "float16"); margin and softmax always run in float32.
-    sparse_update: False makes the centres' gradient dense over all rows, as in the reference (for comparison).
+    sparse_update: False computes the logits as the reference does (plain autograd through the gathered,
+        normalised centres), so their gradient is dense over all rows; kept to measure against.
     """
 
     def __init__(self, margin: nn.Module, embedding_size: int, num_classes: int, sample_rate: float = 1.0,
@@ -116,7 +111,12 @@ class PartialFC(nn.Module):
 
         with torch.autocast(all_embeddings.device.type, enabled=False):  # the head sets its own precision
             unit = F.normalize(all_embeddings.float())
-            logits = _SampledCosine.apply(unit, self.weight, index, self.logits_dtype, self.sparse_update)
+            if self.sparse_update:
+                logits = _SampledCosine.apply(unit, self.weight, index, self.logits_dtype)
+            else:  # the reference's design: plain autograd, whose gradient is dense over all C rows
+                every_row = index.numel() == self.num_local
+                centres = F.normalize(self.weight if every_row else self.weight.index_select(0, index))
+                logits = F.linear(unit.to(self.logits_dtype), centres.to(self.logits_dtype)).float()
 
         # Margins may need every row's target cosine (it lives on one shard) and the embedding norms.
         rows = torch.nonzero(local_labels >= 0).squeeze(1)
