@@ -14,7 +14,6 @@ import argparse
 import datetime
 import os
 import platform
-import statistics
 import sys
 import time
 
@@ -41,41 +40,48 @@ def train_step(model: torch.nn.Module, x: torch.Tensor) -> None:
     model.zero_grad(set_to_none=True)
 
 
-def measure(name: str, options: dict, args, device: torch.device) -> dict:
-    torch.manual_seed(0)
-    model = create_backbone(name, precision=args.precision, **options).to(device)
-    x = torch.rand(args.batch, 3, 112, 112, device=device) * 2 - 1
-    model.train()
-    # One untimed step under the memory tracker (also the warm-up): peak and what the forward keeps.
+def timed(fn, device: torch.device) -> float:
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def memory(model: torch.nn.Module, x: torch.Tensor) -> tuple[float, float]:
+    """(MB still held for backward when the forward ends, peak MB of the whole step); also the warm-up."""
     with PeakMemory() as mem:
         out = model(x)
         held = mem.current
         out.square().mean().backward()
     model.zero_grad(set_to_none=True)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    times = []
+    return held / MB, mem.peak / MB
+
+
+def measure(name: str, variants: list[str], args, device: torch.device) -> dict[str, dict]:
+    """All variants of one backbone, timed in turns (round-robin) so that load from other processes on a shared
+    machine falls on every variant alike; the best of `iters` rounds is kept."""
+    x = torch.rand(args.batch, 3, 112, 112, device=device) * 2 - 1
+    models, rows = {}, {}
+    for v in variants:
+        torch.manual_seed(0)
+        models[v] = create_backbone(name, precision=args.precision, **VARIANTS[v]).to(device).train()
+        held, peak = memory(models[v], x)
+        rows[v] = {"held": held, "peak": peak, "train": 0.0, "eval": 0.0}
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            train_step(models[v], x)
+            rows[v]["cuda_peak"] = torch.cuda.max_memory_allocated(device) / MB
     for _ in range(args.iters):
-        sync(device)
-        start = time.perf_counter()
-        train_step(model, x)
-        sync(device)
-        times.append(time.perf_counter() - start)
-    row = {"train": args.batch / statistics.median(times), "held": held / MB, "peak": mem.peak / MB}
-    if device.type == "cuda":
-        row["cuda_peak"] = torch.cuda.max_memory_allocated(device) / MB
-    model.eval()
+        for v in variants:
+            rows[v]["train"] = max(rows[v]["train"], args.batch / timed(lambda: train_step(models[v], x), device))
     with torch.no_grad():
-        model(x)  # warm-up
-        times = []
+        for v in variants:
+            models[v].eval()(x)  # warm-up
         for _ in range(args.iters):
-            sync(device)
-            start = time.perf_counter()
-            model(x)
-            sync(device)
-            times.append(time.perf_counter() - start)
-    row["eval"] = args.batch / statistics.median(times)
-    return row
+            for v in variants:
+                rows[v]["eval"] = max(rows[v]["eval"], args.batch / timed(lambda: models[v](x), device))
+    return rows
 
 
 def machine(device: torch.device) -> str:
@@ -95,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("names", nargs="*", default=["r18", "r50", "mbf", "vit_t"], metavar="NAME")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--iters", type=int, default=3, help="timed steps per measurement (median is shown)")
+    parser.add_argument("--iters", type=int, default=3, help="timed rounds; the best is shown")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
     parser.add_argument("--out", help="also write the table, command, machine and date to this markdown file")
@@ -108,8 +114,7 @@ def main(argv: list[str] | None = None) -> int:
              "|---|---|---:|---:|---:|---:|" + ("---:|" if cuda else "")]
     print(lines[0], lines[1], sep="\n", flush=True)
     for name in args.names:
-        for variant in args.variants:
-            r = measure(name, VARIANTS[variant], args, device)
+        for variant, r in measure(name, args.variants, args, device).items():
             line = (f"| {name} | {variant} | {r['train']:.1f} | {r['eval']:.1f} | {r['held']:.0f} | {r['peak']:.0f} |"
                     + (f" {r['cuda_peak']:.0f} |" if cuda else ""))
             lines.append(line)
@@ -121,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             "",
             f"Command: `python benchmarks/{os.path.basename(__file__)} {' '.join(argv or sys.argv[1:])}`  ",
             f"Machine: {machine(device)}; torch {torch.__version__}; precision {args.precision}; "
-            f"batch {args.batch}; median of {args.iters} steps  ",
+            f"batch {args.batch}; best of {args.iters} rounds, variants timed in turns  ",
             f"Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; "
             f"load average at the end (1/5/15 min): {load}",
             "",
