@@ -8,6 +8,7 @@ import torch
 
 from arcface.errors import UserError
 from arcface.models import create_backbone, list_backbones, load_backbone_weights
+from arcface.models.mobilefacenet import MobileFaceNet
 from arcface.models.profiling import peak_memory
 from arcface.models.vit import VisionTransformer
 
@@ -171,7 +172,12 @@ def small_vit(**kwargs) -> VisionTransformer:
     return VisionTransformer(embed_dim=64, depth=3, drop_path=0.2, mask_ratio=0.2, **kwargs)
 
 
-@pytest.mark.parametrize("build", [partial(create_backbone, "r_tiny"), partial(create_backbone, "mbf"), small_vit],
+def small_mbf(**kwargs) -> MobileFaceNet:
+    # Residual stacks in every position (blocks[0] > 1), at half of mbf's width.
+    return MobileFaceNet(blocks=(2, 1, 1, 1), scale=1, **kwargs)
+
+
+@pytest.mark.parametrize("build", [partial(create_backbone, "r_tiny"), small_mbf, small_vit],
                          ids=["r_tiny", "mbf", "vit"])
 def test_checkpointing_gives_identical_outputs_grads_and_statistics(build):
     torch.manual_seed(3)
