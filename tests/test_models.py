@@ -286,3 +286,8 @@ def test_create_backbone_starts_from_weights(tmp_path):
         assert torch.equal(v, dst.state_dict()[k]), k
     with pytest.raises(UserError, match=r"does not fit backbone 'r_tiny'.*mis-shaped .*fc\.weight"):
         create_backbone("r_tiny", embedding_size=128, weights=str(path))
+
+
+def test_list_backbones_filters():
+    assert list_backbones("vit_*") == ["vit_b", "vit_h", "vit_l", "vit_s", "vit_t"]
+    assert list_backbones("mbf*") == ["mbf", "mbf_large"]

@@ -5,6 +5,7 @@ A family (such as timm) registers one factory for a whole open set of model name
 """
 from __future__ import annotations
 
+import fnmatch
 from typing import Callable
 
 import torch.nn as nn
@@ -42,9 +43,10 @@ def register_family(name: str, knows: Callable[[str], bool]) -> Callable:
     return wrap
 
 
-def list_backbones() -> list[str]:
-    """The names registered one by one (families such as timm accept more names than these)."""
-    return sorted(_REGISTRY)
+def list_backbones(pattern: str = "*") -> list[str]:
+    """The names registered one by one that match the shell-style `pattern` (e.g. "vit_*"); families such as
+    timm accept more names than these."""
+    return sorted(fnmatch.filter(_REGISTRY, pattern))
 
 
 def create_backbone(name: str, weights: str | None = None, **kwargs) -> nn.Module:
