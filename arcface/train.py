@@ -47,6 +47,15 @@ def _total_steps(cfg: DictConfig, batches_per_epoch: int) -> tuple[int, int]:
     return min(steps_per_epoch * cfg.trainer.warmup_epoch, total), total
 
 
+def _resume_path(resume: str | None, own_checkpoint: Path) -> Path | None:
+    """`trainer.resume`: null = start afresh, auto = this run dir's checkpoint.pt if there is one, else a path."""
+    if resume is None:
+        return None
+    if resume == "auto":
+        return own_checkpoint if own_checkpoint.is_file() else None
+    return Path(resume)
+
+
 def train(cfg: DictConfig) -> dict:
     env = init_distributed()
     output_dir = Path(HydraConfig.get().runtime.output_dir)
@@ -71,8 +80,12 @@ def train(cfg: DictConfig) -> dict:
                       val_sets=val_sets, tracker=tracker, precision=cfg.trainer.precision,
                       gradient_acc=cfg.trainer.gradient_acc, grad_clip=cfg.trainer.grad_clip,
                       log_every=cfg.trainer.log_every, verify_every=cfg.trainer.verify_every,
-                      verify_at_start=cfg.trainer.verify_at_start, eval_batch_size=cfg.trainer.batch_size)
+                      verify_at_start=cfg.trainer.verify_at_start, eval_batch_size=cfg.trainer.batch_size,
+                      save_every=cfg.trainer.save_every, backbone_name=cfg.backbone.name)
     try:
+        resume_from = _resume_path(cfg.trainer.resume, trainer.checkpoint_path)
+        if resume_from is not None:
+            trainer.resume(resume_from)
         results = trainer.fit()
     except BaseException:
         tracker.end("FAILED")

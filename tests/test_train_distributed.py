@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from arcface.models import create_backbone
-from conftest import REPO, TINY
+from conftest import REPO, TINY, run_train
 
 
 def _free_port() -> int:
@@ -19,7 +19,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_ranks_train_and_agree(tmp_path):
+def test_two_ranks_train_then_resume_on_one(tmp_path):
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
            "MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": "1"}
     cmd = [str(REPO / "launchers" / "torchrun.sh"), "2", *TINY, "tracking=none", f"hydra.run.dir={tmp_path / 'run'}"]
@@ -29,3 +29,9 @@ def test_two_ranks_train_and_agree(tmp_path):
     assert "on 2 cpu process(es)" in log and "step 3/3" in log
     state = torch.load(tmp_path / "run" / "model.pt", map_location="cpu")
     create_backbone("r_tiny", embedding_size=64).load_state_dict(state, strict=True)
+
+    # The checkpoint is world-size independent: one process continues what two began.
+    again = run_train([*TINY, "tracking=none", "trainer.max_steps=5", "trainer.resume=auto"], tmp_path)
+    log = again.stdout + again.stderr
+    assert again.returncode == 0, log[-3000:]
+    assert "at step 3/5" in log and "step 5/5" in log

@@ -63,3 +63,19 @@ def test_labels_beyond_num_classes(tmp_path):
     # The classifier is built for 8 classes while the data carries 16.
     proc = run_train([*TINY, "pfc.head.num_classes=8", "tracking=none"], tmp_path)
     _one_line_error(proc, "num_classes")
+
+
+def test_resume_continues_where_it_stopped(tmp_path):
+    first = run_train([*TINY, "tracking=none", "trainer.max_steps=2", "trainer.save_every=1"], tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    checkpoint = torch.load(tmp_path / "run" / "checkpoint.pt", map_location="cpu", weights_only=False)
+    assert checkpoint["step"] == 2 and checkpoint["fc"]["weight"].shape == (16, 64)
+    again = run_train([*TINY, "tracking=none", "trainer.max_steps=4", "trainer.resume=auto"], tmp_path)
+    log = again.stdout + again.stderr
+    assert again.returncode == 0, log[-3000:]
+    assert "resumed from" in log and "at step 2/4" in log and "step 3/4" in log and "step 1/4" not in log
+
+
+def test_resume_from_missing_checkpoint(tmp_path):
+    proc = run_train([*TINY, "tracking=none", f"trainer.resume={tmp_path / 'nope.pt'}"], tmp_path)
+    _one_line_error(proc, "nope.pt", "trainer.resume")

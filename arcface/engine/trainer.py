@@ -13,7 +13,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from arcface.data.transforms import prepare_batch
 from arcface.distributed import DistEnv, all_reduce, barrier
-from arcface.engine.checkpoint import save_backbone
+from arcface.engine.checkpoint import load_training_state, save_backbone, save_training_state
 from arcface.engine.schedule import PolynomialWarmup
 from arcface.engine.tracking import NullTracker
 from arcface.evaluation import PairSet, evaluate
@@ -33,7 +33,7 @@ class Trainer:
                  env: DistEnv, output_dir: str | Path, val_sets: dict[str, PairSet] | None = None,
                  tracker=None, precision: str = "fp32", gradient_acc: int = 1, grad_clip: float = 5.0,
                  log_every: int = 10, verify_every: int = 2000, verify_at_start: bool = True,
-                 eval_batch_size: int = 128):
+                 eval_batch_size: int = 128, save_every: int = 0, backbone_name: str = ""):
         self.backbone, self.head, self.optimizer, self.loader = backbone, head, optimizer, loader
         self.schedule = schedule
         self.env = env
@@ -46,6 +46,8 @@ class Trainer:
         self.verify_every = verify_every
         self.verify_at_start = verify_at_start
         self.eval_batch_size = eval_batch_size
+        self.save_every = save_every
+        self.backbone_name = backbone_name
         self.model = backbone
         if env.world_size > 1:
             ids = [env.device.index] if env.device.type == "cuda" else None
@@ -61,29 +63,51 @@ class Trainer:
     def total_steps(self) -> int:
         return self.schedule.total_steps
 
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.output_dir / "checkpoint.pt"
+
+    def resume(self, path: str | Path) -> None:
+        """Continue from a `checkpoint.pt` written by any world size."""
+        self.step = load_training_state(path, backbone=self.backbone, backbone_name=self.backbone_name,
+                                        head=self.head, optimizer=self.optimizer, scaler=self.scaler)
+        log.info("resumed from %s at step %d/%d", path, self.step, self.total_steps)
+
     def fit(self) -> dict[str, dict[str, float]]:
         """Train to the end; returns {val_set: {"initial": acc, "final": acc}} (rank 0; empty elsewhere)."""
-        if self.verify_at_start:
+        if self.verify_at_start and self.step == 0:
             self._verify("initial")
         self._train()
         self._verify("final")
+        self._save_checkpoint()
         if self.env.is_main:
             path = save_backbone(self.backbone, self.output_dir / "model.pt")
             log.info("saved backbone weights to %s", path)
         barrier()
         return self.results
 
+    def _save_checkpoint(self) -> None:
+        save_training_state(self.checkpoint_path, backbone=self.backbone, head=self.head, optimizer=self.optimizer,
+                            scaler=self.scaler, step=self.step)
+        if self.env.is_main:
+            log.info("saved training state at step %d to %s", self.step, self.checkpoint_path)
+
     def _train(self) -> None:
         self.backbone.train()
         self.head.train()
-        epoch, loss_sum, loss_count = 0, torch.zeros((), device=self.env.device), 0
-        tick, tick_step, start = time.perf_counter(), 0, time.perf_counter()
+        # Micro-batches are counted across epochs, so a resumed run lands on the batch where it stopped.
+        micro = self.step * self.gradient_acc
+        epoch, start_batch = divmod(micro, len(self.loader))
+        loss_sum, loss_count = torch.zeros((), device=self.env.device), 0
+        tick, tick_step, start = time.perf_counter(), self.step, time.perf_counter()
         while self.step < self.total_steps:
-            self.loader.set_epoch(epoch)
-            for micro, (images, labels) in enumerate(self.loader):
+            self.loader.set_epoch(epoch, start_batch)
+            start_batch = 0
+            for images, labels in self.loader:
                 x = prepare_batch(images, self.env.device, flip=True)
                 labels = labels.to(self.env.device, non_blocking=True)
-                last_micro = (micro + 1) % self.gradient_acc == 0
+                micro += 1
+                last_micro = micro % self.gradient_acc == 0
                 sync = contextlib.nullcontext() if last_micro or self.model is self.backbone else self.model.no_sync()
                 with sync:
                     loss = self.head(self.model(x), labels)
@@ -108,6 +132,8 @@ class Trainer:
                     loss_count, tick, tick_step = 0, now, self.step
                 if self.step % self.verify_every == 0 and self.step < self.total_steps:
                     self._verify(f"step{self.step}")
+                if self.save_every and self.step % self.save_every == 0 and self.step < self.total_steps:
+                    self._save_checkpoint()
                 if self.step >= self.total_steps:
                     return
             epoch += 1
