@@ -41,11 +41,12 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def estimate_gib(classes: int, rate: float, world: int, design: str) -> float:
     """Peak memory of the whole world, from what each rank holds at its peak: its class rows (weight + momentum;
-    + the gradient at rate 1 or when dense; + SGD's decayed-gradient copy when dense), one buffer of sampled rows,
-    a few (global batch x sampled) logit-sized tensors, and ~0.6 GiB of runtime per process."""
+    + the gradient at rate 1 or when dense; + SGD's decayed-gradient copy when dense; + the normalised centres and
+    their gradient when dense at rate 1), one buffer of sampled rows, a few (global batch x sampled) logit-sized
+    tensors, and ~0.6 GiB of runtime per process."""
     rows = classes / world
     sampled = max(int(rate * rows), BATCH * world)
-    copies = {"sparse": 2 + (rate >= 1), "dense": 4}[design]
+    copies = {"sparse": 2 + (rate >= 1), "dense": 4 + 2 * (rate >= 1)}[design]
     per_rank = rows * EMBEDDING * 4 * copies + sampled * EMBEDDING * 4 * (rate < 1) + sampled * BATCH * world * 4 * 4
     return world * (per_rank / GIB + 0.6)
 
