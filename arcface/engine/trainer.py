@@ -12,7 +12,7 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
 from arcface.data.transforms import prepare_batch
-from arcface.distributed import DistEnv, all_reduce, barrier
+from arcface.distributed import DistEnv, all_reduce, barrier, sum_allreduce_hook
 from arcface.engine.checkpoint import load_training_state, save_backbone, save_training_state
 from arcface.engine.schedule import PolynomialWarmup
 from arcface.engine.tracking import NullTracker
@@ -52,6 +52,8 @@ class Trainer:
         if env.world_size > 1:
             ids = [env.device.index] if env.device.type == "cuda" else None
             self.model = DistributedDataParallel(backbone, device_ids=ids, broadcast_buffers=False)
+            # Each rank's gradient is one term of the global loss's gradient (see sum_allreduce_hook): sum, not mean.
+            self.model.register_comm_hook(None, sum_allreduce_hook)
         use_scaler = precision == "fp16" and env.device.type == "cuda"
         self.scaler = torch.amp.GradScaler(env.device.type, growth_interval=100, enabled=use_scaler)
         for group in optimizer.param_groups:
