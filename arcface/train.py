@@ -97,7 +97,11 @@ def train(cfg: DictConfig) -> dict:
     return results
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+# An absolute path: relative ones are read as a Python package when started through the console script.
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def main(cfg: DictConfig) -> None:
     try:
         train(cfg)

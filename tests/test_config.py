@@ -1,6 +1,10 @@
 """Every config group option and experiment preset composes, and user overrides land where they should."""
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.utils import get_object
@@ -87,3 +91,12 @@ def test_unknown_options_fail_with_hydra_error(tmp_path, override, message):
     assert proc.returncode != 0
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_console_script_composes(tmp_path):
+    """`arcface-train` (the installed script, not `python -m`) finds conf/ and prints the composed job."""
+    script = Path(sys.executable).parent / "arcface-train"
+    proc = subprocess.run([str(script), "--cfg", "job", "backbone=r50", "pfc.rate=0.3"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "name: r50" in proc.stdout and "rate: 0.3" in proc.stdout
