@@ -17,7 +17,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from arcface.data.loader import build_loader
-from arcface.distributed import init_distributed, shutdown_distributed
+from arcface.distributed import broadcast_object, init_distributed, shutdown_distributed
 from arcface.engine.optim import build_optimizer
 from arcface.engine.tracking import NullTracker
 from arcface.engine.trainer import Trainer
@@ -35,6 +35,21 @@ def _user_error(exc: BaseException) -> UserError | None:
     return None
 
 
+PRECISIONS = ("fp32", "fp16", "bf16")
+
+
+def _check_trainer(trainer: DictConfig) -> None:
+    """Catch impossible trainer values up front, with the key to fix, instead of deep inside the loop."""
+    for key in ("batch_size", "gradient_acc"):
+        if trainer[key] < 1:
+            raise UserError(f"trainer.{key}={trainer[key]} must be at least 1")
+    for key in ("log_every", "verify_every", "save_every", "num_workers"):
+        if trainer[key] < 0:
+            raise UserError(f"trainer.{key}={trainer[key]} must be 0 (off) or more")
+    if trainer.precision not in PRECISIONS:
+        raise UserError(f"trainer.precision={trainer.precision} is unknown: use one of {', '.join(PRECISIONS)}")
+
+
 def _total_steps(cfg: DictConfig, batches_per_epoch: int) -> tuple[int, int]:
     """(warmup steps, total steps) in optimizer steps; `trainer.max_steps` caps the run and the schedule with it."""
     steps_per_epoch = batches_per_epoch // cfg.trainer.gradient_acc
@@ -43,20 +58,26 @@ def _total_steps(cfg: DictConfig, batches_per_epoch: int) -> tuple[int, int]:
                         f"{cfg.trainer.gradient_acc}: lower trainer.batch_size or trainer.gradient_acc")
     total = steps_per_epoch * cfg.trainer.num_epoch
     if cfg.trainer.max_steps is not None:
-        total = min(total, cfg.trainer.max_steps) if cfg.trainer.num_epoch else cfg.trainer.max_steps
-    return min(steps_per_epoch * cfg.trainer.warmup_epoch, total), total
+        total = min(total, cfg.trainer.max_steps)
+    if total < 1:
+        raise UserError(f"the run has no steps (trainer.num_epoch={cfg.trainer.num_epoch}, trainer.max_steps="
+                        f"{cfg.trainer.max_steps}): set both to at least 1")
+    return steps_per_epoch * cfg.trainer.warmup_epoch, total
 
 
 def _resume_path(resume: str | None, own_checkpoint: Path) -> Path | None:
-    """`trainer.resume`: null = start afresh, auto = this run dir's checkpoint.pt if there is one, else a path."""
-    if resume is None:
-        return None
+    """`trainer.resume`: null = start afresh, auto = this run dir's checkpoint.pt if there is one, else a path.
+
+    Rank 0 decides for everyone: a rank that saw a different answer would run mismatched collectives.
+    """
     if resume == "auto":
-        return own_checkpoint if own_checkpoint.is_file() else None
-    return Path(resume)
+        resume = str(own_checkpoint) if own_checkpoint.is_file() else None
+    resume = broadcast_object(resume)
+    return None if resume is None else Path(resume)
 
 
 def train(cfg: DictConfig) -> dict:
+    _check_trainer(cfg.trainer)
     env = init_distributed()
     output_dir = Path(HydraConfig.get().runtime.output_dir)
     torch.manual_seed(cfg.trainer.seed)
@@ -70,22 +91,24 @@ def train(cfg: DictConfig) -> dict:
     warmup, total = _total_steps(cfg, len(loader))
     schedule = instantiate(cfg.scheduler, warmup_steps=warmup, total_steps=total)
     tracker = instantiate(cfg.tracking) if env.is_main else NullTracker()
-    tracker.start(OmegaConf.to_container(cfg, resolve=True),
-                  tags={"backbone": cfg.backbone.name, "dataset": cfg.dataset.name, "world_size": env.world_size})
-    tracker.log_artifacts(output_dir / ".hydra", artifact_path="hydra")
-    log.info("training %s on %s (%d images, %d classes) for %d steps on %d %s process(es); outputs in %s",
-             cfg.backbone.name, cfg.dataset.name, len(dataset), cfg.dataset.num_classes, total, env.world_size,
-             env.device.type, output_dir)
     trainer = Trainer(backbone, head, optimizer, loader, schedule, env=env, output_dir=output_dir,
                       val_sets=val_sets, tracker=tracker, precision=cfg.trainer.precision,
                       gradient_acc=cfg.trainer.gradient_acc, grad_clip=cfg.trainer.grad_clip,
                       log_every=cfg.trainer.log_every, verify_every=cfg.trainer.verify_every,
                       verify_at_start=cfg.trainer.verify_at_start, eval_batch_size=cfg.trainer.batch_size,
                       save_every=cfg.trainer.save_every, backbone_name=cfg.backbone.name)
+    resume_from = _resume_path(cfg.trainer.resume, trainer.checkpoint_path)
+    tracker.start(OmegaConf.to_container(cfg, resolve=True),
+                  tags={"backbone": cfg.backbone.name, "dataset": cfg.dataset.name, "world_size": env.world_size})
     try:
-        resume_from = _resume_path(cfg.trainer.resume, trainer.checkpoint_path)
+        tracker.log_artifacts(output_dir / ".hydra", artifact_path="hydra")
+        log.info("training %s on %s (%d images, %d classes) for %d steps on %d %s process(es); outputs in %s",
+                 cfg.backbone.name, cfg.dataset.name, len(dataset), cfg.dataset.num_classes, total, env.world_size,
+                 env.device.type, output_dir)
         if resume_from is not None:
             trainer.resume(resume_from)
+        # Initialisation above is identical on every rank; augmentation must differ between ranks.
+        torch.manual_seed(cfg.trainer.seed + env.rank)
         results = trainer.fit()
     except BaseException:
         tracker.end("FAILED")

@@ -30,8 +30,9 @@ def test_two_ranks_train_then_resume_on_one(tmp_path):
     state = torch.load(tmp_path / "run" / "model.pt", map_location="cpu")
     create_backbone("r_tiny", embedding_size=64).load_state_dict(state, strict=True)
 
-    # The checkpoint is world-size independent: one process continues what two began.
-    again = run_train([*TINY, "tracking=none", "trainer.max_steps=5", "trainer.resume=auto"], tmp_path)
+    # The checkpoint is world-size independent: one process with twice the batch continues what two began.
+    again = run_train([*TINY, "tracking=none", "trainer.max_steps=5", "trainer.resume=auto", "trainer.batch_size=16"],
+                      tmp_path)
     log = again.stdout + again.stderr
     assert again.returncode == 0, log[-3000:]
     assert "at step 3/5" in log and "step 5/5" in log

@@ -1,6 +1,7 @@
 """The real entrypoint end to end on tiny settings: MLflow run, checkpoint, and clear errors on bad input."""
 from __future__ import annotations
 
+import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
@@ -79,3 +80,21 @@ def test_resume_continues_where_it_stopped(tmp_path):
 def test_resume_from_missing_checkpoint(tmp_path):
     proc = run_train([*TINY, "tracking=none", f"trainer.resume={tmp_path / 'nope.pt'}"], tmp_path)
     _one_line_error(proc, "nope.pt", "trainer.resume")
+
+
+def test_resume_with_another_global_batch_is_refused(tmp_path):
+    first = run_train([*TINY, "tracking=none", "trainer.max_steps=1"], tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    proc = run_train([*TINY, "tracking=none", "trainer.resume=auto", "trainer.batch_size=4"], tmp_path)
+    _one_line_error(proc, "trainer.batch_size", "8 samples per step")
+
+
+@pytest.mark.parametrize("override,key", [("trainer.batch_size=0", "trainer.batch_size"),
+                                          ("trainer.precision=fp8", "trainer.precision"),
+                                          ("trainer.max_steps=0", "trainer.max_steps"),
+                                          ("trainer.resume=conftest.py", "trainer.resume")])
+def test_impossible_trainer_values(tmp_path, override, key):
+    if override.endswith("conftest.py"):
+        (tmp_path / "conftest.py").write_text("not a checkpoint")
+    proc = run_train([*TINY, "tracking=none", override], tmp_path)
+    _one_line_error(proc, key)

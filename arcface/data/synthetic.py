@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from arcface.evaluation.pairs import PairSet
+from arcface.data.pair_set import PairSet
+from arcface.errors import UserError
 
 _NUISANCE_POOL = 64
 
@@ -78,6 +79,10 @@ class SyntheticIdentities(Dataset):
 def synthetic_pair_set(num_pairs: int, num_identities: int, first_identity: int, seed: int = 0,
                        image_size: int = 112) -> PairSet:
     """Half genuine, half impostor pairs of identities from `first_identity` on (held out from training)."""
+    if num_identities < 2 or num_pairs < 10:
+        raise UserError(f"the synthetic pair set needs at least 2 identities and 10 pairs (10-fold protocol), got "
+                        f"{num_identities} and {num_pairs}: raise dataset.val.synthetic_holdout.num_identities / "
+                        f"num_pairs")
     data = SyntheticIdentities(num_identities, images_per_class=1000, seed=seed, image_size=image_size,
                                first_identity=first_identity)
     gen = _generator(seed, 3, first_identity)

@@ -12,13 +12,18 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
 from arcface.data.transforms import prepare_batch
-from arcface.distributed import DistEnv, all_reduce, barrier, sum_allreduce_hook
+from arcface.distributed import DistEnv, barrier, sum_allreduce_hook
 from arcface.engine.checkpoint import load_training_state, save_backbone, save_training_state
 from arcface.engine.schedule import PolynomialWarmup
 from arcface.engine.tracking import NullTracker
 from arcface.evaluation import PairSet, evaluate
 
 log = logging.getLogger(__name__)
+
+
+def _every(step: int, period: int) -> bool:
+    """True every `period` steps; a period of 0 switches the action off."""
+    return period > 0 and step % period == 0
 
 
 def _format_eta(seconds: float) -> str:
@@ -66,13 +71,19 @@ class Trainer:
         return self.schedule.total_steps
 
     @property
+    def global_batch(self) -> int:
+        """Samples per optimizer step over all ranks: what a step means, so it must survive a resume."""
+        return self.loader.batch_size * self.gradient_acc * self.env.world_size
+
+    @property
     def checkpoint_path(self) -> Path:
         return self.output_dir / "checkpoint.pt"
 
     def resume(self, path: str | Path) -> None:
         """Continue from a `checkpoint.pt` written by any world size."""
         self.step = load_training_state(path, backbone=self.backbone, backbone_name=self.backbone_name,
-                                        head=self.head, optimizer=self.optimizer, scaler=self.scaler)
+                                        head=self.head, optimizer=self.optimizer, scaler=self.scaler,
+                                        global_batch=self.global_batch)
         log.info("resumed from %s at step %d/%d", path, self.step, self.total_steps)
 
     def fit(self) -> dict[str, dict[str, float]]:
@@ -90,7 +101,7 @@ class Trainer:
 
     def _save_checkpoint(self) -> None:
         save_training_state(self.checkpoint_path, backbone=self.backbone, head=self.head, optimizer=self.optimizer,
-                            scaler=self.scaler, step=self.step)
+                            scaler=self.scaler, step=self.step, global_batch=self.global_batch)
         if self.env.is_main:
             log.info("saved training state at step %d to %s", self.step, self.checkpoint_path)
 
@@ -126,22 +137,22 @@ class Trainer:
                 self.scaler.update()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.step += 1
-                if self.step % self.log_every == 0 or self.step == self.total_steps:
+                if _every(self.step, self.log_every) or self.step == self.total_steps:
                     now = time.perf_counter()
-                    mean_loss = float(all_reduce(loss_sum.clone())) / (loss_count * self.env.world_size)
+                    mean_loss = float(loss_sum) / loss_count  # the loss is already the global batch's mean
                     self._log_progress(epoch, mean_loss, lr, (self.step - tick_step) / (now - tick), now - start)
                     loss_sum.zero_()
                     loss_count, tick, tick_step = 0, now, self.step
-                if self.step % self.verify_every == 0 and self.step < self.total_steps:
+                if _every(self.step, self.verify_every) and self.step < self.total_steps:
                     self._verify(f"step{self.step}")
-                if self.save_every and self.step % self.save_every == 0 and self.step < self.total_steps:
+                if _every(self.step, self.save_every) and self.step < self.total_steps:
                     self._save_checkpoint()
                 if self.step >= self.total_steps:
                     return
             epoch += 1
 
     def _log_progress(self, epoch: int, loss: float, lr: float, steps_per_s: float, elapsed: float) -> None:
-        samples_per_s = steps_per_s * self.loader.batch_size * self.gradient_acc * self.env.world_size
+        samples_per_s = steps_per_s * self.global_batch
         eta = (self.total_steps - self.step) / max(steps_per_s, 1e-9)
         if not math.isfinite(loss):
             log.warning("loss is %s at step %d: lower optimizer.lr or use trainer.precision=bf16", loss, self.step)

@@ -2,21 +2,13 @@
 from __future__ import annotations
 
 import pickle
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from arcface.data.decode import decode_image
+from arcface.data.pair_set import PairSet
 from arcface.errors import UserError
-
-
-@dataclass
-class PairSet:
-    """`images`: uint8 (2N, 3, H, W), pairs at rows (2i, 2i+1); `issame`: bool (N,)."""
-
-    images: torch.Tensor
-    issame: torch.Tensor
 
 
 def load_pair_set(path: str) -> PairSet:
@@ -30,6 +22,8 @@ def load_pair_set(path: str) -> PairSet:
             blobs, issame = pickle.load(f, encoding="bytes")  # bytes fallback: the public files are Python 2 pickles
     except Exception as exc:
         raise UserError(f"{file} is not a pair-set pickle of (images, issame) ({exc}); re-download it") from None
+    if len(issame) < 10:
+        raise UserError(f"{file} holds {len(issame)} pairs, fewer than the 10 folds of the protocol")
     if len(blobs) != 2 * len(issame):
         raise UserError(f"{file} holds {len(blobs)} images for {len(issame)} pairs (expected twice as many)")
     images = torch.stack([decode_image(bytes(b)) for b in blobs])
