@@ -25,8 +25,13 @@ class _RowBlock:
     def __init__(self, index: torch.Tensor, grad: torch.Tensor, rows: slice | None):
         self.index, self.grad, self.rows = index, grad, rows
 
-    def take(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor[self.rows] if self.rows is not None else tensor.index_select(0, self.index)
+    def take(self, tensor: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The rows (a view when the block is a slice); gathered into the front of `out` when given."""
+        if self.rows is not None:
+            return tensor[self.rows]
+        if out is None:
+            return tensor.index_select(0, self.index)
+        return torch.index_select(tensor, 0, self.index, out=out[:self.index.numel()])
 
     def put(self, tensor: torch.Tensor, values: torch.Tensor) -> None:
         if self.rows is None:
@@ -40,8 +45,15 @@ class _RowBlock:
             tensor[self.rows].add_(values, alpha=alpha)
 
 
-def row_blocks(grad: torch.Tensor, block_rows: int = 1 << 15):
-    """The rows of a sparse gradient in blocks, so the optimizer's temporaries stay small whatever the sample."""
+_BLOCK_ROWS = 2048
+
+
+def row_blocks(grad: torch.Tensor, block_rows: int = _BLOCK_ROWS):
+    """The rows of a sparse gradient in blocks, so the optimizer's temporaries stay small whatever the sample.
+
+    Small enough (a few MiB at D=512) that the temporaries stay in cache and come from the allocator's heap: blocks
+    of tens of MiB are fresh mmaps each time, and their page faults cost more than the arithmetic.
+    """
     index, values = grad._indices()[0], grad._values()
     if not bool((index[1:] > index[:-1]).all()):  # duplicates (e.g. accumulated micro-batches) or unsorted
         grad = grad.coalesce()
@@ -59,20 +71,28 @@ def sgd_rows(param: torch.Tensor, grad: torch.Tensor, state: dict, group: dict) 
     if momentum and "momentum_buffer" not in state:
         # A zero buffer makes a row's first update buf = g, as torch's first step does (dampening aside).
         state["momentum_buffer"] = torch.zeros_like(param)
+    # Buffers reused by every block: the decayed gradient and the gathered weight and momentum rows.
+    block = min(_BLOCK_ROWS, grad.shape[0])
+    decayed, weight_rows, buf_rows = (param.new_empty((block, *param.shape[1:])) for _ in range(3))
     for rows in row_blocks(grad):
         g = -rows.grad if group["maximize"] else rows.grad
-        if wd:  # the decayed gradient g + wd * w (the weights themselves are updated with one index_add below)
-            g = torch.add(g, rows.take(param), alpha=wd)
+        w = None
+        if wd:  # the decayed gradient g + wd * w
+            w = rows.take(param, out=weight_rows)
+            g = torch.add(g, w, alpha=wd, out=decayed[:g.shape[0]])
         if momentum:
             # buf = momentum * buf + (1 - dampening) * g, in one pass when there is no dampening.
-            buf = rows.take(state["momentum_buffer"])
+            buf = rows.take(state["momentum_buffer"], out=buf_rows)
             if dampening:
                 buf.mul_(momentum).add_(g, alpha=1 - dampening)
             else:
                 torch.add(g, buf, alpha=momentum, out=buf)
             rows.put(state["momentum_buffer"], buf)
             g = g.add(buf, alpha=momentum) if group["nesterov"] else buf
-        rows.add(param, g, alpha=-lr)
+        if w is None:
+            rows.add(param, g, alpha=-lr)
+        else:  # the rows are at hand already: updating them and copying back is cheaper than an index_add
+            rows.put(param, w.add_(g, alpha=-lr))
 
 
 @torch.no_grad()
