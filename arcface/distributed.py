@@ -153,6 +153,8 @@ def _gloo_worker(rank: int, fn, world_size: int, port: int, args: tuple) -> None
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     try:
         fn(rank, world_size, *args)
+        # Leave together: a rank tearing gloo down while a peer still talks to it can abort that peer.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
