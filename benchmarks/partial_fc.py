@@ -197,7 +197,7 @@ def chart(result: dict, path: Path) -> None:
 def table(result: dict) -> str:
     """The sweep as a Markdown table, with the run's command, machine and summary."""
     m = result["machine"]
-    lines = [f"# Partial FC benchmark", "",
+    lines = ["# Partial FC benchmark", "",
              f"`{result['command']}` on {result['date']}: {m['processor']}, {m['cpus']} cores, {m['memory_gib']} GiB, "
              f"torch {m['torch']}. Shared machine: load average {m['load_average_at_start']} at the start and "
              f"{m['load_average_at_end']} at the end (1/5/15 min), {m['other_processes_memory_gib_at_start']} GiB "
