@@ -30,8 +30,12 @@ def fsync_dir(directory: str | Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | Path) -> Iterator[BinaryIO]:
-    """`with atomic_write(path) as f: f.write(...)`: `path` appears complete on success, untouched on failure."""
+def atomic_write(path: str | Path, before_replace=None) -> Iterator[BinaryIO]:
+    """`with atomic_write(path) as f: f.write(...)`: `path` appears complete on success, untouched on failure.
+
+    `before_replace()`, if given, runs once the new file is safely on disk, just before it takes `path`'s place
+    (e.g. to keep the previous version under another name).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -41,6 +45,8 @@ def atomic_write(path: str | Path) -> Iterator[BinaryIO]:
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; other tools' files follow the umask
+        if before_replace is not None:
+            before_replace()
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
