@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# RecordIO and pair-set files written by MXNet itself (tests/fixtures/make_fixtures.py regenerates them).
+FIXTURES = REPO / "tests" / "fixtures" / "recordio"
 
 # A few steps of the demo on a handful of synthetic identities: seconds, not minutes.
 TINY = [

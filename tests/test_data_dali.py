@@ -15,8 +15,8 @@ from arcface.data.loader import build_loader
 from arcface.data.recordio import MAGIC, InsightFaceWriter, IRHeader, RecordReader, RecordWriter, pack, unpack
 from arcface.errors import UserError
 from nvidia.dali import fn, pipeline_def  # the dev extra installs DALI: these tests must run, not skip
+from conftest import FIXTURES
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "recordio"
 CPU = torch.device("cpu")
 
 

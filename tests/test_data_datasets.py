@@ -15,8 +15,8 @@ from arcface.data import ImageFolderDataset, RecordDataset
 from arcface.data.decode import decode_image, decode_into, decode_rgb, encode_jpeg
 from arcface.data.recordio import IRHeader, PlainWriter, RecordReader, RecordWriter, pack, unpack
 from arcface.errors import UserError
+from conftest import FIXTURES
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "recordio"
 MANIFEST = json.loads((FIXTURES / "MANIFEST.json").read_text())
 
 

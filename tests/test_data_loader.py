@@ -1,8 +1,6 @@
 """Sampler and loader: determinism under a seed, disjoint and complete shards, mid-epoch resume, batch contract."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -12,8 +10,8 @@ from arcface.data.loader import build_loader, load_batch
 from arcface.data.sampler import ShardedBatchSampler
 from arcface.data.transforms import prepare_batch
 from arcface.errors import UserError
+from conftest import FIXTURES
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "recordio"
 CPU = torch.device("cpu")
 
 

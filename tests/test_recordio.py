@@ -15,8 +15,8 @@ from hypothesis import given, settings, strategies as st
 from arcface.data.recordio import (MAGIC, IRHeader, RecordIndex, RecordReader, RecordWriter, encode_record, pack,
                                    read_layout, unpack)
 from arcface.errors import UserError
+from conftest import FIXTURES
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "recordio"
 MANIFEST = json.loads((FIXTURES / "MANIFEST.json").read_text())
 MAGIC_BYTES = struct.pack("<I", MAGIC)
 

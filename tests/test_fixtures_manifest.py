@@ -1,0 +1,34 @@
+"""The repo's MXNet-written fixtures have the layout of the reference set kept beside the repo, where there is one.
+
+Both sets were written by MXNet 1.9.1, but from different synthetic images, so JPEG bytes differ; what the readers
+depend on must agree: keys, labels, header and identity records, payload sizes of the chunked records, pair counts.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import FIXTURES, REPO
+
+REFERENCE = REPO.parent / "shared" / "fixtures" / "recordio" / "MANIFEST.json"
+
+
+def _layout(manifest: dict) -> dict:
+    """A manifest less the per-image JPEG hashes and lengths (continuation payloads keep their lengths)."""
+    def record(r: dict) -> dict:
+        return {k: v for k, v in r.items() if not k.startswith("jpeg_") and k != "payload_md5"}
+
+    out = {}
+    for name, section in manifest.items():
+        out[name] = {k: v for k, v in section.items() if k not in ("records", "first_jpeg_md5")}
+        if "records" in section:
+            out[name]["records"] = [record(r) for r in section["records"]]
+    return out
+
+
+@pytest.mark.skipif(not REFERENCE.exists(), reason=f"no reference fixture set at {REFERENCE}")
+def test_repo_fixtures_match_reference_layout():
+    ours = json.loads((FIXTURES / "MANIFEST.json").read_text())
+    reference = json.loads(REFERENCE.read_text())
+    assert _layout(ours) == _layout(reference)
