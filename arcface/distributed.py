@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -35,8 +36,11 @@ def _env_from_slurm() -> bool:
     return True
 
 
-def init_distributed(backend: str | None = None) -> DistEnv:
-    """Initialise the default process group if the launcher asked for one; return this process's place in it."""
+def init_distributed(backend: str | None = None, timeout_s: float | None = None) -> DistEnv:
+    """Initialise the default process group if the launcher asked for one; return this process's place in it.
+
+    `timeout_s` bounds every collective: a rank that stalls makes the others fail after it instead of hanging.
+    """
     if "RANK" not in os.environ:
         _env_from_slurm()
     cuda = torch.cuda.is_available()
@@ -46,7 +50,8 @@ def init_distributed(backend: str | None = None) -> DistEnv:
         if cuda:
             torch.cuda.set_device(device)
         if not dist.is_initialized():
-            dist.init_process_group(backend or ("nccl" if cuda else "gloo"))
+            timeout = None if timeout_s is None else timedelta(seconds=timeout_s)
+            dist.init_process_group(backend or ("nccl" if cuda else "gloo"), timeout=timeout)
         return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, device)
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")
     return DistEnv(0, 1, 0, device)
@@ -84,6 +89,15 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def gather_objects(obj, dst: int = 0) -> list | None:
+    """Every rank's Python object, in rank order, on rank `dst`; None on the others."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size() if dist.get_rank() == dst else None
+    dist.gather_object(obj, out, dst=dst)
+    return out
 
 
 class _AllGather(torch.autograd.Function):

@@ -7,7 +7,10 @@
 from __future__ import annotations
 
 import logging
+import os
+import shlex
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import hydra
@@ -16,12 +19,16 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from arcface.config_checks import check_config
 from arcface.data.loader import build_loader
-from arcface.distributed import broadcast_object, init_distributed, shutdown_distributed
+from arcface.distributed import broadcast_object, get_rank, init_distributed, shutdown_distributed
+from arcface.engine.checkpoint import CHECKPOINT_NAME, newest_readable
 from arcface.engine.optim import build_optimizer
+from arcface.engine.stopping import EXIT_STOPPED, StopRequest
 from arcface.engine.tracking import NullTracker
-from arcface.engine.trainer import Trainer
+from arcface.engine.trainer import Trainer, TrainerOptions
 from arcface.errors import UserError
+from arcface.fileio import remove_stale_temporaries
 
 log = logging.getLogger("arcface")
 
@@ -35,21 +42,6 @@ def _user_error(exc: BaseException) -> UserError | None:
     return None
 
 
-PRECISIONS = ("fp32", "fp16", "bf16")
-
-
-def _check_trainer(trainer: DictConfig) -> None:
-    """Catch impossible trainer values up front, with the key to fix, instead of deep inside the loop."""
-    for key in ("batch_size", "gradient_acc"):
-        if trainer[key] < 1:
-            raise UserError(f"trainer.{key}={trainer[key]} must be at least 1")
-    for key in ("log_every", "verify_every", "save_every", "num_workers"):
-        if trainer[key] < 0:
-            raise UserError(f"trainer.{key}={trainer[key]} must be 0 (off) or more")
-    if trainer.precision not in PRECISIONS:
-        raise UserError(f"trainer.precision={trainer.precision} is unknown: use one of {', '.join(PRECISIONS)}")
-
-
 def _total_steps(cfg: DictConfig, batches_per_epoch: int) -> tuple[int, int]:
     """(warmup steps, total steps) in optimizer steps; `trainer.max_steps` caps the run and the schedule with it."""
     steps_per_epoch = batches_per_epoch // cfg.trainer.gradient_acc
@@ -59,27 +51,54 @@ def _total_steps(cfg: DictConfig, batches_per_epoch: int) -> tuple[int, int]:
     total = steps_per_epoch * cfg.trainer.num_epoch
     if cfg.trainer.max_steps is not None:
         total = min(total, cfg.trainer.max_steps)
-    if total < 1:
-        raise UserError(f"the run has no steps (trainer.num_epoch={cfg.trainer.num_epoch}, trainer.max_steps="
-                        f"{cfg.trainer.max_steps}): set both to at least 1")
     return steps_per_epoch * cfg.trainer.warmup_epoch, total
 
 
-def _resume_path(resume: str | None, own_checkpoint: Path) -> Path | None:
-    """`trainer.resume`: null = start afresh, auto = this run dir's checkpoint.pt if there is one, else a path.
+def _resume_path(resume: str | None, run_dir: Path) -> Path | None:
+    """`trainer.resume`: null = start afresh, auto = the newest checkpoint in this run dir that loads, else a path.
 
-    Rank 0 decides for everyone: a rank that saw a different answer would run mismatched collectives.
+    Rank 0 decides for everyone (a rank that saw a different answer would run mismatched collectives) and says
+    what it decided.
     """
-    if resume == "auto":
-        resume = str(own_checkpoint) if own_checkpoint.is_file() else None
+    if resume == "auto" and get_rank() == 0:
+        found, skipped = newest_readable(run_dir)
+        for reason in skipped:
+            log.warning("skipping a checkpoint that does not load: %s", reason)
+        if found is None:
+            log.info("trainer.resume=auto found no checkpoint in %s: starting afresh (to continue an earlier run, "
+                     "add hydra.run.dir=<that run's directory>)", run_dir)
+        resume = None if found is None else str(found)
     resume = broadcast_object(resume)
     return None if resume is None else Path(resume)
 
 
-def train(cfg: DictConfig) -> dict:
-    _check_trainer(cfg.trainer)
-    env = init_distributed()
+def _resume_command(run_dir: Path) -> str:
+    """The command line that continues this run: the same program and overrides, this run dir, resume=auto."""
+    overrides = [o for o in HydraConfig.get().overrides.task
+                 if not o.startswith(("trainer.resume=", "hydra.run.dir="))]
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        program = f"torchrun --nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', 1)} -m arcface.train"
+    elif Path(sys.argv[0]).name == "arcface-train":
+        program = "arcface-train"
+    else:
+        program = "python -m arcface.train"
+    return " ".join([program, *map(shlex.quote, overrides), shlex.quote(f"hydra.run.dir={run_dir}"),
+                     "trainer.resume=auto"])
+
+
+def _trainer_options(cfg: DictConfig) -> TrainerOptions:
+    keys = [f.name for f in fields(TrainerOptions) if f.name != "eval_batch_size"]
+    return TrainerOptions(eval_batch_size=cfg.trainer.batch_size, **{k: cfg.trainer[k] for k in keys})
+
+
+def train(cfg: DictConfig, stop_request: StopRequest) -> str | None:
+    """Build everything and train; returns the signal that stopped the run early (state saved), or None."""
+    check_config(cfg)
+    env = init_distributed(timeout_s=cfg.trainer.dist_timeout_s)
     output_dir = Path(HydraConfig.get().runtime.output_dir)
+    if env.is_main:
+        for name in (CHECKPOINT_NAME, "model.pt"):  # what a killed writer may have left
+            remove_stale_temporaries(output_dir / name)
     torch.manual_seed(cfg.trainer.seed)
     dataset = instantiate(cfg.dataset.train)
     val_sets = {name: instantiate(node) for name, node in cfg.dataset.val.items()} if env.is_main else {}
@@ -92,32 +111,39 @@ def train(cfg: DictConfig) -> dict:
     schedule = instantiate(cfg.scheduler, warmup_steps=warmup, total_steps=total)
     tracker = instantiate(cfg.tracking) if env.is_main else NullTracker()
     trainer = Trainer(backbone, head, optimizer, loader, schedule, env=env, output_dir=output_dir,
-                      val_sets=val_sets, tracker=tracker, precision=cfg.trainer.precision,
-                      gradient_acc=cfg.trainer.gradient_acc, grad_clip=cfg.trainer.grad_clip,
-                      log_every=cfg.trainer.log_every, verify_every=cfg.trainer.verify_every,
-                      verify_at_start=cfg.trainer.verify_at_start, eval_batch_size=cfg.trainer.batch_size,
-                      save_every=cfg.trainer.save_every, backbone_name=cfg.backbone.name)
-    resume_from = _resume_path(cfg.trainer.resume, trainer.checkpoint_path)
-    tracker.start(OmegaConf.to_container(cfg, resolve=True),
+                      options=_trainer_options(cfg), val_sets=val_sets, tracker=tracker, stop_request=stop_request,
+                      backbone_name=cfg.backbone.name)
+    stop_request.on_second_signal = lambda: f"; {trainer.last_checkpoint_note()}"
+    # Initialisation above is identical on every rank; augmentation must differ between ranks.
+    torch.manual_seed(cfg.trainer.seed + env.rank)
+    resume_from = _resume_path(cfg.trainer.resume, output_dir)
+    if resume_from is not None:
+        trainer.resume(resume_from)  # restores the random streams too, where the world size is unchanged
+    tracker.start(OmegaConf.to_container(cfg, resolve=True), run_id=trainer.tracking_run_id,
                   tags={"backbone": cfg.backbone.name, "dataset": cfg.dataset.name, "world_size": env.world_size})
     try:
         tracker.log_artifacts(output_dir / ".hydra", artifact_path="hydra")
         log.info("training %s on %s (%d images, %d classes) for %d steps on %d %s process(es); outputs in %s",
                  cfg.backbone.name, cfg.dataset.name, len(dataset), cfg.dataset.num_classes, total, env.world_size,
                  env.device.type, output_dir)
-        if resume_from is not None:
-            trainer.resume(resume_from)
-        # Initialisation above is identical on every rank; augmentation must differ between ranks.
-        torch.manual_seed(cfg.trainer.seed + env.rank)
         results = trainer.fit()
-    except BaseException:
+    except BaseException as exc:
+        tracker.set_tags({"arcface.failure": str(_user_error(exc) or repr(exc))[:5000]})
         tracker.end("FAILED")
         raise
+    if trainer.stopped_by is not None:
+        command = _resume_command(output_dir)
+        tracker.set_tags({"arcface.stopped_at_step": trainer.step, "arcface.resume_command": command})
+        tracker.end("KILLED")  # continued by the resumed job, which reopens this run
+        if env.is_main:
+            print(f"stopped by {trainer.stopped_by} at step {trainer.step}/{trainer.total_steps} with its state "
+                  f"saved in {output_dir / CHECKPOINT_NAME}; resume with: {command}", file=sys.stderr, flush=True)
+        return trainer.stopped_by
     for name, accs in results.items():
         before = f"random-init accuracy {accs['initial']:.4f} -> " if "initial" in accs else ""
         log.info("verification %s: %strained accuracy %.4f", name, before, accs["final"])
     tracker.end()
-    return results
+    return None
 
 
 # An absolute path: relative ones are read as a Python package when started through the console script.
@@ -126,16 +152,19 @@ CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def main(cfg: DictConfig) -> None:
-    try:
-        train(cfg)
-    except Exception as exc:
-        error = _user_error(exc)
-        if error is None:
-            raise
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-    finally:
-        shutdown_distributed()
+    with StopRequest() as stop_request:
+        try:
+            stopped_by = train(cfg, stop_request)
+        except Exception as exc:
+            error = _user_error(exc)
+            if error is None:
+                raise
+            print(f"error: {error}", file=sys.stderr)
+            sys.exit(2)
+        finally:
+            shutdown_distributed()
+    if stopped_by is not None:
+        sys.exit(EXIT_STOPPED)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
-"""The training loop: forward, margin loss, backward, clip, step, schedule; logging, verification, checkpoint."""
+"""The training loop: forward, margin loss, backward, clip, step, schedule; logging, verification, checkpoints,
+and stopping cleanly on a signal or a diverged loss."""
 from __future__ import annotations
 
 import contextlib
 import logging
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -12,13 +14,39 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
 from arcface.data.transforms import prepare_batch
-from arcface.distributed import DistEnv, barrier, sum_allreduce_hook
-from arcface.engine.checkpoint import load_training_state, save_backbone, save_training_state
+from arcface.distributed import DistEnv, barrier, gather_objects, sum_allreduce_hook
+from arcface.engine import rng
+from arcface.engine.amp import agree_on_overflow
+from arcface.engine.checkpoint import CHECKPOINT_NAME, load_training_state, save_backbone, save_training_state
 from arcface.engine.schedule import PolynomialWarmup
+from arcface.engine.stopping import StepFlags, StopRequest
 from arcface.engine.tracking import NullTracker
+from arcface.errors import UserError
 from arcface.evaluation import PairSet, evaluate
 
 log = logging.getLogger(__name__)
+
+NONFINITE_POLICIES = ("stop", "skip")
+
+
+@dataclass(frozen=True)
+class TrainerOptions:
+    """The loop's `trainer.*` settings; the defaults are conf/train.yaml's."""
+
+    precision: str = "fp32"
+    gradient_acc: int = 1
+    grad_clip: float | None = 5.0  # max global norm of the backbone gradients; None: no clipping
+    log_every: int = 10
+    verify_every: int = 2000
+    verify_at_start: bool = True
+    eval_batch_size: int = 128
+    save_every: int = 2000
+    keep_checkpoints: int = 2
+    on_nonfinite: str = "stop"  # stop: end the run at a non-finite loss; skip: drop that step's update
+
+
+class Diverged(UserError):
+    """The loss or the weights stopped being finite; nothing non-finite was saved."""
 
 
 def _every(step: int, period: int) -> bool:
@@ -35,23 +63,17 @@ class Trainer:
     """Trains `backbone` + `head` for `total_steps` optimizer steps over `loader` (which yields uint8 batches)."""
 
     def __init__(self, backbone: nn.Module, head: nn.Module, optimizer, loader, schedule: PolynomialWarmup, *,
-                 env: DistEnv, output_dir: str | Path, val_sets: dict[str, PairSet] | None = None,
-                 tracker=None, precision: str = "fp32", gradient_acc: int = 1, grad_clip: float = 5.0,
-                 log_every: int = 10, verify_every: int = 2000, verify_at_start: bool = True,
-                 eval_batch_size: int = 128, save_every: int = 0, backbone_name: str = ""):
+                 env: DistEnv, output_dir: str | Path, options: TrainerOptions = TrainerOptions(),
+                 val_sets: dict[str, PairSet] | None = None, tracker=None, stop_request: StopRequest | None = None,
+                 backbone_name: str = ""):
         self.backbone, self.head, self.optimizer, self.loader = backbone, head, optimizer, loader
         self.schedule = schedule
         self.env = env
         self.output_dir = Path(output_dir)
+        self.options = options
         self.val_sets = val_sets or {}
         self.tracker = tracker or NullTracker()
-        self.gradient_acc = gradient_acc
-        self.grad_clip = grad_clip
-        self.log_every = log_every
-        self.verify_every = verify_every
-        self.verify_at_start = verify_at_start
-        self.eval_batch_size = eval_batch_size
-        self.save_every = save_every
+        self.stop_request = stop_request or StopRequest()
         self.backbone_name = backbone_name
         self.model = backbone
         if env.world_size > 1:
@@ -59,12 +81,18 @@ class Trainer:
             self.model = DistributedDataParallel(backbone, device_ids=ids, broadcast_buffers=False)
             # Each rank's gradient is one term of the global loss's gradient (see sum_allreduce_hook): sum, not mean.
             self.model.register_comm_hook(None, sum_allreduce_hook)
-        use_scaler = precision == "fp16" and env.device.type == "cuda"
+        use_scaler = options.precision == "fp16" and env.device.type == "cuda"
         self.scaler = torch.amp.GradScaler(env.device.type, growth_interval=100, enabled=use_scaler)
         for group in optimizer.param_groups:
             group.setdefault("initial_lr", group["lr"])
         self.step = 0
+        self.skipped_steps = 0
+        self.stopped_by: str | None = None  # the signal that ended the run early, if one did
+        self.last_checkpoint: tuple[int, Path] | None = None
+        self.tracking_run_id: str | None = None  # the MLflow run a resumed run continues
         self.results: dict[str, dict[str, float]] = {}
+        self._flags = StepFlags(env.device)
+        self._log_window = (0.0, 0)  # (sum of step losses, steps) since the last progress line
 
     @property
     def total_steps(self) -> int:
@@ -73,45 +101,100 @@ class Trainer:
     @property
     def global_batch(self) -> int:
         """Samples per optimizer step over all ranks: what a step means, so it must survive a resume."""
-        return self.loader.batch_size * self.gradient_acc * self.env.world_size
+        return self.loader.batch_size * self.options.gradient_acc * self.env.world_size
 
-    @property
-    def checkpoint_path(self) -> Path:
-        return self.output_dir / "checkpoint.pt"
+    def _generators(self) -> dict[str, torch.Generator]:
+        """Named random generators beside the global ones (the Partial FC class sampler)."""
+        return {"pfc_sampling": self.head.sampling_generator()} if hasattr(self.head, "sampling_generator") else {}
 
     def resume(self, path: str | Path) -> None:
-        """Continue from a `checkpoint.pt` written by any world size."""
-        self.step = load_training_state(path, backbone=self.backbone, backbone_name=self.backbone_name,
-                                        head=self.head, optimizer=self.optimizer, scaler=self.scaler,
-                                        global_batch=self.global_batch)
-        log.info("resumed from %s at step %d/%d", path, self.step, self.total_steps)
+        """Continue from a `checkpoint.pt` written by any world size; exactly where it stopped on the same one."""
+        state = load_training_state(path, backbone=self.backbone, backbone_name=self.backbone_name, head=self.head,
+                                    optimizer=self.optimizer, scaler=self.scaler, global_batch=self.global_batch)
+        self.step = int(state["step"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.tracking_run_id = state.get("tracking_run_id")
+        self.last_checkpoint = (self.step, Path(path))
+        self._log_window = tuple(state.get("log_window", (0.0, 0)))
+        streams = state.get("rng")
+        if streams is not None and len(streams) == self.env.world_size:
+            rng.restore(streams[self.env.rank], self.env.device, self._generators())
+            exact = "random streams restored"
+        else:
+            exact = (f"random streams re-seeded (saved on {len(streams) if streams else '?'} ranks, now "
+                     f"{self.env.world_size})")
+        if self.env.is_main:
+            log.info("resumed from %s at step %d/%d (%s)", path, self.step, self.total_steps, exact)
 
     def fit(self) -> dict[str, dict[str, float]]:
-        """Train to the end; returns {val_set: {"initial": acc, "final": acc}} (rank 0; empty elsewhere)."""
-        if self.verify_at_start and self.step == 0:
+        """Train to the end, or until a signal (then `stopped_by` names it and a checkpoint holds the state).
+
+        Returns {val_set: {"initial": acc, "final": acc}} (rank 0; empty elsewhere).
+        """
+        if self.options.verify_at_start and self.step == 0:
             self._verify("initial")
-        self._train()
-        self._verify("final")
+        if self._flags.agree_now(self.stop_request.signal_name is not None):
+            self.stopped_by = self.stop_request.signal_name or "a signal on another rank"
+        else:
+            self._train()
         self._save_checkpoint()
+        if self.stopped_by is not None and self.step < self.total_steps:
+            return self.results
+        self.stopped_by = None  # a signal during the last step: the run is complete anyway
+        self._verify("final")
         if self.env.is_main:
             path = save_backbone(self.backbone, self.output_dir / "model.pt")
             log.info("saved backbone weights to %s", path)
         barrier()
         return self.results
 
+    def _check_flags(self, *, wait: bool) -> None:
+        """Act on the agreed flags: note a stop request, or end a diverged run (on_nonfinite=stop)."""
+        stop, first_bad = self._flags.drain() if wait else self._flags.poll()
+        if stop and self.stopped_by is None:
+            self.stopped_by = self.stop_request.signal_name or "a signal on another rank"
+        if first_bad >= 0:
+            raise Diverged(f"the loss became non-finite at step {first_bad}; {self.last_checkpoint_note()}: resume "
+                           f"from it with trainer.on_nonfinite=skip to drop such steps, or start afresh with a lower "
+                           f"optimizer.lr or trainer.precision=bf16")
+
+    def last_checkpoint_note(self) -> str:
+        if self.last_checkpoint is None:
+            return "no checkpoint was written before it"
+        step, path = self.last_checkpoint
+        return f"the last good checkpoint is {path} (step {step})"
+
+    def _weights_finite(self) -> bool:
+        """Every rank's parameters are finite (one reduction per rank, agreed across ranks)."""
+        params = [p.detach() for p in (*self.backbone.parameters(), *self.head.parameters())]
+        finite = bool(torch.stack([torch.isfinite(p).all() for p in params]).all())
+        return not self._flags.agree_now(not finite)
+
     def _save_checkpoint(self) -> None:
-        save_training_state(self.checkpoint_path, backbone=self.backbone, head=self.head, optimizer=self.optimizer,
-                            scaler=self.scaler, step=self.step, global_batch=self.global_batch)
-        if self.env.is_main:
-            log.info("saved training state at step %d to %s", self.step, self.checkpoint_path)
+        self._check_flags(wait=True)
+        if not self._weights_finite():
+            raise Diverged(f"the weights are not finite at step {self.step}, so no checkpoint was written; "
+                           f"{self.last_checkpoint_note()}: start afresh with a lower optimizer.lr")
+        streams = gather_objects(rng.capture(self.env.device, self._generators()))
+        window_sum, window_steps = self._log_window
+        extra = {"rng": streams, "skipped_steps": self.skipped_steps, "log_window": (float(window_sum), window_steps),
+                 "world_size": self.env.world_size, "tracking_run_id": getattr(self.tracker, "run_id", None)}
+        path = save_training_state(self.output_dir, self.options.keep_checkpoints, backbone=self.backbone,
+                                   head=self.head, optimizer=self.optimizer, scaler=self.scaler, step=self.step,
+                                   global_batch=self.global_batch, extra=extra)
+        self.last_checkpoint = (self.step, self.output_dir / CHECKPOINT_NAME)
+        if path is not None:
+            log.info("saved training state at step %d to %s", self.step, path)
+        barrier()  # nobody reads or rotates the files, or exits, before rank 0 has written them
 
     def _train(self) -> None:
+        opts = self.options
         self.backbone.train()
         self.head.train()
         # Micro-batches are counted across epochs, so a resumed run lands on the batch where it stopped.
-        micro = self.step * self.gradient_acc
+        micro = self.step * opts.gradient_acc
         epoch, start_batch = divmod(micro, len(self.loader))
-        loss_sum, loss_count = torch.zeros((), device=self.env.device), 0
+        step_loss = torch.zeros((), device=self.env.device)
         tick, tick_step, start = time.perf_counter(), self.step, time.perf_counter()
         while self.step < self.total_steps:
             self.loader.set_epoch(epoch, start_batch)
@@ -120,54 +203,74 @@ class Trainer:
                 x = prepare_batch(images, self.env.device, flip=True)
                 labels = labels.to(self.env.device, non_blocking=True)
                 micro += 1
-                last_micro = micro % self.gradient_acc == 0
+                last_micro = micro % opts.gradient_acc == 0
                 sync = contextlib.nullcontext() if last_micro or self.model is self.backbone else self.model.no_sync()
                 with sync:
                     loss = self.head(self.model(x), labels)
                     # Dividing by the accumulation count keeps the update size independent of it.
-                    self.scaler.scale(loss / self.gradient_acc).backward()
-                loss_sum += loss.detach()
-                loss_count += 1
+                    self.scaler.scale(loss / opts.gradient_acc).backward()
+                step_loss += loss.detach() / opts.gradient_acc
                 if not last_micro:
                     continue
-                lr = self.schedule.apply(self.optimizer, self.step)
-                self.scaler.unscale_(self.optimizer)
-                nn.utils.clip_grad_norm_(self.backbone.parameters(), self.grad_clip)
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                self.optimizer.zero_grad(set_to_none=True)
+                lr = self._optimizer_step(step_loss)
                 self.step += 1
-                if _every(self.step, self.log_every) or self.step == self.total_steps:
+                self._check_flags(wait=False)
+                if _every(self.step, opts.log_every) or self.step == self.total_steps:
                     now = time.perf_counter()
-                    mean_loss = float(loss_sum) / loss_count  # the loss is already the global batch's mean
-                    self._log_progress(epoch, mean_loss, lr, (self.step - tick_step) / (now - tick), now - start)
-                    loss_sum.zero_()
-                    loss_count, tick, tick_step = 0, now, self.step
-                if _every(self.step, self.verify_every) and self.step < self.total_steps:
-                    self._verify(f"step{self.step}")
-                if _every(self.step, self.save_every) and self.step < self.total_steps:
-                    self._save_checkpoint()
-                if self.step >= self.total_steps:
+                    self._log_progress(epoch, lr, (self.step - tick_step) / (now - tick), now - start)
+                    tick, tick_step = now, self.step
+                step_loss = torch.zeros((), device=self.env.device)
+                if self.stopped_by is not None or self.step >= self.total_steps:
                     return
+                if _every(self.step, opts.verify_every):
+                    self._verify(f"step{self.step}")
+                if _every(self.step, opts.save_every):
+                    self._save_checkpoint()
             epoch += 1
 
-    def _log_progress(self, epoch: int, loss: float, lr: float, steps_per_s: float, elapsed: float) -> None:
+    def _optimizer_step(self, step_loss: torch.Tensor) -> float:
+        """Apply the accumulated gradients (or drop them: see trainer.on_nonfinite); returns the step's LR."""
+        lr = self.schedule.apply(self.optimizer, self.step)
+        skip = self.options.on_nonfinite == "skip"
+        if skip and self._flags.agree_now(not bool(torch.isfinite(step_loss))):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skipped_steps += 1
+            log.warning("skipped step %d: the loss is not finite (%d skipped so far)", self.step + 1,
+                        self.skipped_steps)
+            self._flags.post(self.stop_request.signal_name is not None, None, self.step + 1)
+            return lr
+        self.scaler.unscale_(self.optimizer)
+        agree_on_overflow(self.scaler, self.optimizer)
+        if self.options.grad_clip is not None:
+            nn.utils.clip_grad_norm_(self.backbone.parameters(), self.options.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._flags.post(self.stop_request.signal_name is not None, None if skip else step_loss, self.step + 1)
+        window_sum, window_steps = self._log_window
+        self._log_window = (window_sum + step_loss, window_steps + 1)
+        return lr
+
+    def _log_progress(self, epoch: int, lr: float, steps_per_s: float, elapsed: float) -> None:
+        window_sum, window_steps = self._log_window
+        loss = float(window_sum) / max(window_steps, 1)  # the loss is already the global batch's mean
+        self._log_window = (0.0, 0)
         samples_per_s = steps_per_s * self.global_batch
         eta = (self.total_steps - self.step) / max(steps_per_s, 1e-9)
-        if not math.isfinite(loss):
-            log.warning("loss is %s at step %d: lower optimizer.lr or use trainer.precision=bf16", loss, self.step)
         if self.env.is_main:
             log.info("step %d/%d  epoch %d  loss %.4f  lr %.5f  samples/s %.1f  elapsed %s  eta %s",
                      self.step, self.total_steps, epoch, loss, lr, samples_per_s, _format_eta(elapsed),
                      _format_eta(eta))
-        self.tracker.log_metrics({"loss": loss, "lr": lr, "samples_per_s": samples_per_s, "epoch": epoch},
-                                 step=self.step)
+        metrics = {"loss": loss, "lr": lr, "samples_per_s": samples_per_s, "epoch": epoch}
+        if self.skipped_steps:
+            metrics["skipped_steps"] = self.skipped_steps
+        self.tracker.log_metrics(metrics, step=self.step)
 
     def _verify(self, tag: str) -> None:
         """Rank 0 evaluates every pair set; the others wait."""
         if self.env.is_main:
             for name, pairs in self.val_sets.items():
-                result = evaluate(self.backbone, pairs, self.eval_batch_size, self.env.device)
+                result = evaluate(self.backbone, pairs, self.options.eval_batch_size, self.env.device)
                 self.results.setdefault(name, {})[tag] = result.accuracy
                 log.info("[%s] %s  accuracy %.4f +- %.4f  xnorm %.3f  val@far=%g %.4f", tag, name, result.accuracy,
                          result.accuracy_std, result.xnorm, result.far_target, result.val)

@@ -1,0 +1,96 @@
+"""Impossible config values caught before anything is built, each with the key to fix.
+
+Hydra passes command-line values through as typed by the user, so `pfc.rate=abc` arrives as a string and
+`optimizer.lr=-0.1` as a valid float; without these checks they fail deep inside torch, or train uphill.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from omegaconf import DictConfig, OmegaConf
+
+from arcface.errors import UserError
+
+
+@dataclass(frozen=True)
+class Range:
+    """A number (an integer if `integer`) within [low, high]; `*_open` excludes the bound; `nullable` allows null."""
+
+    low: float | None = None
+    high: float | None = None
+    integer: bool = False
+    low_open: bool = False
+    high_open: bool = False
+    nullable: bool = False
+
+    def admits(self, value) -> bool:
+        if value is None:
+            return self.nullable
+        if isinstance(value, bool) or not isinstance(value, int if self.integer else (int, float)):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def describe(self) -> str:
+        bounds = []
+        if self.low is not None:
+            bounds.append(f"{'>' if self.low_open else '>='} {self.low:g}")
+        if self.high is not None:
+            bounds.append(f"{'<' if self.high_open else '<='} {self.high:g}")
+        what = "an integer" if self.integer else "a number"
+        return f"{what} {' and '.join(bounds)}".strip() + (" (or null)" if self.nullable else "")
+
+
+COUNT = Range(1, integer=True)
+PERIOD = Range(0, integer=True)  # 0 switches the periodic action off
+FRACTION = Range(0, 1)
+POSITIVE = Range(0, low_open=True)
+
+RULES: dict[str, Range] = {
+    "embedding_size": COUNT,
+    "trainer.batch_size": COUNT,
+    "trainer.gradient_acc": COUNT,
+    "trainer.num_epoch": COUNT,
+    "trainer.warmup_epoch": Range(0, integer=True),
+    "trainer.max_steps": Range(1, integer=True, nullable=True),
+    "trainer.grad_clip": Range(0, low_open=True, nullable=True),
+    "trainer.log_every": PERIOD,
+    "trainer.verify_every": PERIOD,
+    "trainer.save_every": PERIOD,
+    "trainer.keep_checkpoints": COUNT,
+    "trainer.num_workers": PERIOD,
+    "trainer.dist_timeout_s": POSITIVE,
+    "trainer.seed": Range(0, integer=True),
+    "optimizer.lr": POSITIVE,
+    "optimizer.weight_decay": Range(0),
+    "optimizer.momentum": Range(0, 1, high_open=True),
+    "pfc.rate": FRACTION,
+    "margin.s": POSITIVE,
+    "margin.m1": Range(1, 4),  # multiplicative angular (SphereFace): 1 = none
+    "margin.m2": Range(0, 1.5),  # additive angular (ArcFace), radians
+    "margin.m3": Range(0, 1, high_open=True),  # additive cosine (CosFace)
+    "margin.m": Range(0, 1.5),  # CurricularFace / AdaFace angular margin
+    "margin.h": FRACTION,
+    "margin.momentum": FRACTION,
+    "margin.interclass_filtering_threshold": FRACTION,
+}
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "trainer.precision": ("fp32", "fp16", "bf16"),
+    "trainer.on_nonfinite": ("stop", "skip"),
+}
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Raise UserError for the first value outside its rule; keys absent from this config are not checked."""
+    for key, rule in RULES.items():
+        if OmegaConf.select(cfg, key, default="<absent>") == "<absent>":
+            continue
+        value = OmegaConf.select(cfg, key)
+        if not rule.admits(value):
+            raise UserError(f"{key}={value!r} is invalid: {key} must be {rule.describe()}")
+    for key, choices in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in choices:
+            raise UserError(f"{key}={value} is unknown: set {key} to one of {', '.join(choices)}")

@@ -1,0 +1,78 @@
+"""A non-finite loss ends the run with the last good checkpoint named (stop), or drops that step (skip); no
+checkpoint ever holds non-finite values."""
+from __future__ import annotations
+
+from functools import partial
+
+import pytest
+import torch
+import torch.nn as nn
+
+from arcface.data import SyntheticIdentities
+from arcface.data.loader import build_loader
+from arcface.distributed import DistEnv
+from arcface.engine.checkpoint import read_training_state
+from arcface.engine.optim import build_optimizer
+from arcface.engine.schedule import PolynomialWarmup
+from arcface.engine.trainer import Diverged, Trainer, TrainerOptions
+from arcface.heads import CombinedMargin, PartialFC
+from conftest import TINY, run_train
+
+
+class _PoisonedPartialFC(PartialFC):
+    """A real Partial FC head whose loss is multiplied by NaN on the chosen calls (1-based)."""
+
+    def __init__(self, bad_calls: set[int], **kwargs):
+        super().__init__(CombinedMargin(), **kwargs)
+        self.bad_calls, self.calls = bad_calls, 0
+
+    def forward(self, embeddings, labels):
+        self.calls += 1
+        loss = super().forward(embeddings, labels)
+        return loss * float("nan") if self.calls in self.bad_calls else loss
+
+
+def _trainer(tmp_path, policy: str, bad_calls: set[int], steps: int = 6) -> Trainer:
+    torch.manual_seed(0)
+    data = SyntheticIdentities(num_classes=8, images_per_class=4, image_size=16)
+    backbone = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 16))
+    head = _PoisonedPartialFC(bad_calls, embedding_size=16, num_classes=8)
+    optimizer = build_optimizer(partial(torch.optim.SGD, lr=0.1, momentum=0.9), backbone, head)
+    env = DistEnv(0, 1, 0, torch.device("cpu"))
+    loader = build_loader(data, 4, rank=0, world_size=1, seed=0, num_workers=0, device=env.device)
+    options = TrainerOptions(save_every=2, log_every=1, verify_at_start=False, on_nonfinite=policy)
+    return Trainer(backbone, head, optimizer, loader, PolynomialWarmup(0, steps), env=env, output_dir=tmp_path,
+                   options=options)
+
+
+def _all_finite(path) -> bool:
+    state = read_training_state(path)
+    tensors = [*state["backbone"].values(), state["fc"]["weight"], *state["fc"]["optimizer_rows"].values()]
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def test_stop_names_the_step_and_the_last_good_checkpoint(tmp_path):
+    trainer = _trainer(tmp_path, "stop", bad_calls={3})
+    with pytest.raises(Diverged, match=rf"non-finite at step 3; the last good checkpoint is {tmp_path}/checkpoint.pt "
+                                       r"\(step 2\)"):
+        trainer.fit()
+    assert read_training_state(tmp_path / "checkpoint.pt")["step"] == 2 and _all_finite(tmp_path / "checkpoint.pt")
+
+
+def test_skip_drops_the_step_and_goes_on(tmp_path):
+    trainer = _trainer(tmp_path, "skip", bad_calls={3, 5})
+    trainer.fit()
+    assert trainer.step == 6 and trainer.skipped_steps == 2
+    for path in tmp_path.glob("checkpoint*.pt"):
+        assert _all_finite(path), path
+    assert read_training_state(tmp_path / "checkpoint.pt")["skipped_steps"] == 2
+
+
+def test_diverging_run_exits_with_one_sentence(tmp_path):
+    proc = run_train([*TINY, "tracking=none", "trainer.max_steps=6", "trainer.save_every=1", "optimizer.lr=1e30",
+                      "trainer.grad_clip=null"], tmp_path)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "non-finite" in errors[0] and "last good checkpoint" in errors[0]
+    for path in (tmp_path / "run").glob("checkpoint*.pt"):
+        assert _all_finite(path), path

@@ -1,0 +1,114 @@
+"""A real run stopped by a real signal saves, exits cleanly, and resumes to the uninterrupted run's exact result."""
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from conftest import TINY, run_train
+
+EXIT_STOPPED = 75
+STEPS = 12
+# Several epochs of the tiny set (8 batches each): resuming crosses an epoch boundary. The signal comes after step 2,
+# so the run has ten steps' time to receive it before it would end on its own.
+RUN = [*TINY, f"trainer.max_steps={STEPS}", "trainer.save_every=0", "trainer.verify_at_start=false"]
+
+
+def _start(args: list[str], workdir: Path, run_dir: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "arcface.train", f"hydra.run.dir={run_dir}", *args]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(cmd, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _signal_after(proc: subprocess.Popen, line_part: str, signals: list[int]) -> list[str]:
+    """Read the run's output until a line contains `line_part`, send `signals`, return every line to the end."""
+    lines = []
+    for line in proc.stdout:
+        lines.append(line.rstrip("\n"))
+        if line_part in line:
+            for sig in signals:
+                proc.send_signal(sig)
+            break
+    lines += proc.stdout.read().splitlines()
+    proc.wait(timeout=300)
+    return lines
+
+
+def _training_state(path: Path) -> dict[str, torch.Tensor]:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    tensors = {f"backbone.{k}": v for k, v in state["backbone"].items()}
+    tensors["fc.weight"] = state["fc"]["weight"]
+    tensors.update({f"fc.{k}": v for k, v in state["fc"]["optimizer_rows"].items()})
+    for pid, s in state["optimizer"]["state"].items():
+        tensors.update({f"opt.{pid}.{k}": v for k, v in s.items() if isinstance(v, torch.Tensor)})
+    return tensors
+
+
+def _final_loss(log: str) -> str:
+    return re.findall(rf"step {STEPS}/{STEPS} .* loss (\S+)", log)[-1]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_saves_and_resume_is_exact(tmp_path, sig):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking = [f"tracking.uri={uri}", "tracking.experiment_name=preempt"]
+    (tmp_path / "whole").mkdir()
+    whole = run_train([*RUN, "tracking=none"], tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+
+    run_dir = tmp_path / "cut" / "run"
+    run_dir.parent.mkdir()
+    lines = _signal_after(_start([*RUN, *tracking], run_dir.parent, run_dir), f"step 2/{STEPS}", [sig])
+    log = "\n".join(lines)
+    assert "Traceback" not in log and "KeyboardInterrupt" not in log, log[-3000:]
+    last = lines[-1]
+    name = signal.Signals(sig).name
+    assert re.match(rf"stopped by {name} at step \d+/{STEPS} with its state saved in {run_dir}/checkpoint.pt; "
+                    rf"resume with: ", last), log[-3000:]
+    command = shlex.split(last.split("resume with: ", 1)[1])
+    assert command[:3] == ["python", "-m", "arcface.train"] and "trainer.resume=auto" in command
+
+    client = MlflowClient(tracking_uri=uri)
+    (stopped,) = client.search_runs([client.get_experiment_by_name("preempt").experiment_id])
+    assert stopped.info.status == "KILLED"
+
+    resumed = subprocess.run([sys.executable, *command[1:]], cwd=run_dir.parent, capture_output=True, text=True,
+                             timeout=300)
+    log = resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0, log[-3000:]
+    assert f"resumed from {run_dir}/checkpoint.pt" in log and "random streams restored" in log
+
+    expected = _training_state(tmp_path / "whole" / "run" / "checkpoint.pt")
+    got = _training_state(run_dir / "checkpoint.pt")
+    assert expected.keys() == got.keys()
+    assert [k for k in expected if not torch.equal(expected[k], got[k])] == []
+    assert _final_loss(log) == _final_loss(whole.stdout + whole.stderr)
+
+    (run,) = client.search_runs([client.get_experiment_by_name("preempt").experiment_id])
+    assert run.info.run_id == stopped.info.run_id and run.info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
+    assert sorted(steps) == list(range(1, STEPS + 1))
+
+
+def test_second_signal_exits_at_once(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = _start([*RUN, "tracking=none", "trainer.max_steps=1000"], tmp_path, run_dir)
+    # Two different signals: Python runs a handler once per pending signal number, and in numeric order.
+    lines = _signal_after(proc, "step 2/1000", [signal.SIGINT, signal.SIGTERM])
+    assert proc.returncode == 128 + signal.SIGTERM, "\n".join(lines)[-3000:]
+    assert lines[-1].startswith("second SIGTERM: exiting now without saving"), lines[-5:]
+    assert not (run_dir / "checkpoint.pt").exists()
+
+
+def test_resume_auto_without_a_checkpoint_says_so(tmp_path):
+    proc = run_train([*TINY, "tracking=none", "trainer.max_steps=1", "trainer.resume=auto"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"found no checkpoint in {tmp_path / 'run'}: starting afresh" in proc.stdout + proc.stderr
