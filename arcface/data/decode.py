@@ -3,6 +3,9 @@
 JPEGs go through simplejpeg (libjpeg-turbo, and it can decode into a caller's buffer); measured here on 112x112
 q95 faces it is the fastest of PIL, simplejpeg, PyTurboJPEG (needs a system libturbojpeg), OpenCV and
 torchvision.io (see docs/data.md). Anything it cannot read (PNG, CMYK JPEG) or a missing simplejpeg falls back to PIL.
+
+An image's declared size is checked against `MAX_PIXELS` from its header before any pixel is decoded: a few bytes
+of JPEG or PNG can declare gigapixels (a decompression bomb), and the decoder would allocate them.
 """
 from __future__ import annotations
 
@@ -18,18 +21,39 @@ except ImportError:  # optional speed-up; PIL decodes everything it does
     simplejpeg = None
 
 _JPEG_SOI = b"\xff\xd8\xff"
+# Face crops are 112x112 and source photos a few megapixels; this admits 8K x 4K and stops bombs (~100 MB as RGB).
+MAX_PIXELS = 1 << 25
+
+
+class ImageTooLarge(ValueError):
+    """An image header declares more than MAX_PIXELS."""
+
+
+def _check_size(height: int, width: int) -> None:
+    if height * width > MAX_PIXELS:
+        raise ImageTooLarge(f"its header declares {width}x{height} pixels, more than the {MAX_PIXELS} any face "
+                            f"image needs (a decompression bomb, or not a face image)")
 
 
 def decode_rgb(data: bytes) -> np.ndarray:
     """Decode JPEG/PNG/... bytes to a uint8 (H, W, 3) RGB array; ValueError when the bytes are no image."""
     if simplejpeg is not None and data[:3] == _JPEG_SOI:
         try:
+            _check_size(*simplejpeg.decode_jpeg_header(data)[:2])
             return simplejpeg.decode_jpeg(data, colorspace="RGB")
+        except ImageTooLarge:
+            raise
         except ValueError:
             pass  # let PIL try: it reads some JPEG variants libjpeg-turbo's fast path refuses
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with Image.open(io.BytesIO(data)) as img:  # reads the header only
+            _check_size(img.height, img.width)
             return np.asarray(img.convert("RGB"))
+    except ImageTooLarge:
+        raise
+    except Image.DecompressionBombError:  # PIL's own, larger limit, checked inside open()
+        raise ImageTooLarge(f"its header declares more than {2 * Image.MAX_IMAGE_PIXELS} pixels, far more than any "
+                            f"face image needs (a decompression bomb, or not a face image)") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise ValueError(f"not a decodable image ({len(data)} bytes starting {data[:4].hex()}): {e}") from None
 

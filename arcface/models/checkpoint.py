@@ -2,6 +2,8 @@
 or a DistributedDataParallel state_dict (`module.` prefix)."""
 from __future__ import annotations
 
+import pickle
+import re
 from pathlib import Path
 from typing import Mapping
 
@@ -26,6 +28,33 @@ def _unwrap(state: Mapping) -> dict[str, torch.Tensor]:
     return dict(state)
 
 
+def _read(path: str | Path) -> object:
+    """torch.load with weights_only=True: a file that would run code when unpickled is refused, not executed."""
+    source = str(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"backbone weights {source} do not exist: check the path") from None
+    except OSError as e:
+        raise UserError(f"backbone weights {source} cannot be read ({e.strerror}): check the path") from None
+    except Exception as e:  # torch reports a damaged file as EOFError, RuntimeError, KeyError, ... by where it broke
+        wanted = re.search(r"GLOBAL ([\w.]+)", str(e)) if isinstance(e, pickle.UnpicklingError) else None
+        if wanted:  # what weights_only refused to call
+            raise UserError(f"{source} asks to run {wanted.group(1)} when unpickled, which a file of weights never "
+                            f"needs, so it was not loaded: use weights (a state_dict of tensors) from a source you "
+                            f"trust") from None
+        size = Path(path).stat().st_size
+        what = "is empty (0 bytes)" if size == 0 else f"cannot be loaded ({size} bytes; {_gist(e)})"
+        raise UserError(f"backbone weights {source} {what}: it was damaged in writing or copying, or is not a "
+                        f"torch.save file of tensors; copy it again") from None
+
+
+def _gist(error: Exception) -> str:
+    """The exception's type and one sentence of its message: torch's messages run to paragraphs of advice."""
+    line = re.search(r"Unsupported[^\n]*", str(error)) or re.search(r"[^\n]+", str(error))
+    return f"{type(error).__name__}: {line.group(0).split('. ')[0] if line else 'no details'}"
+
+
 def _first(keys: list[str]) -> str:
     more = f" (+{len(keys) - _SHOWN} more)" if len(keys) > _SHOWN else ""
     return ", ".join(keys[:_SHOWN]) + more
@@ -40,13 +69,14 @@ def load_backbone_weights(model: nn.Module, path_or_state: str | Path | Mapping,
     source = "the given state_dict"
     if isinstance(path_or_state, (str, Path)):
         source = str(path_or_state)
-        try:
-            path_or_state = torch.load(path_or_state, map_location="cpu", weights_only=True)
-        except FileNotFoundError:
-            raise UserError(f"backbone weights {source} do not exist: check the path") from None
+        path_or_state = _read(path_or_state)
     if not isinstance(path_or_state, Mapping):
         raise UserError(f"{source} holds a {type(path_or_state).__name__}, not a backbone state_dict")
     state = _unwrap(path_or_state)
+    not_tensors = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise UserError(f"{source} is not a backbone state_dict: keys {_first(not_tensors)} hold no tensor; "
+                        f"pass the model.pt or backbone.pth a training run wrote")
     expected = model.state_dict()
     # Files written before BatchNorm counted its batches lack num_batches_tracked; torch fills it in.
     missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
