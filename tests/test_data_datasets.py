@@ -67,17 +67,16 @@ def test_non_jpeg_payload_names_key_and_offset(tmp_path):
         data[1]
 
 
-def test_label_beyond_num_classes_in_a_record(tmp_path):
-    # An InsightFace file whose identity records undercount: the per-item check still catches it.
+def test_label_beyond_the_identity_records_stops_at_start_up(tmp_path):
+    # An InsightFace file whose identity records undercount: the header scan catches it before any image is read.
     jpeg = encode_jpeg(np.zeros((112, 112, 3), dtype=np.uint8))
     with RecordWriter(tmp_path / "train.rec", tmp_path / "train.idx") as writer:
         writer.write(pack(IRHeader(2, (2.0, 3.0)), b""), 0)
         writer.write(pack(IRHeader(0, 7.0, 1), jpeg), 1)
         writer.write(pack(IRHeader(2, (1.0, 2.0), 2), b""), 2)
-    with pytest.warns(UserWarning, match=r"has 1 classes .* dataset.num_classes=3: the extra class centres"):
-        data = RecordDataset(str(tmp_path), num_classes=3)
-    with pytest.raises(UserError, match=r"record 1 at offset \d+ .* label 7, outside 0..2"):
-        data[0]
+    with pytest.raises(UserError, match=r"record 1 at offset \d+ .* label 7, beyond the classes 0..0 its 1 identity "
+                                        r"records declare"):
+        RecordDataset(str(tmp_path), num_classes=3)
 
 
 def test_other_image_sizes_are_resized_with_one_warning(tmp_path):

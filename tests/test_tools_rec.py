@@ -16,6 +16,7 @@ from PIL import Image
 
 from arcface.data import RecordDataset
 from arcface.data.recordio import RecordIndex, RecordReader, read_layout, unpack
+from arcface.errors import UserError
 
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
 
@@ -101,7 +102,7 @@ def test_pack_refuses_ungrouped_list_unless_plain(faces, tmp_path):
     (tmp_path / "train.lst").write_text("".join(f"{faces}/person{c}/0.jpg\t{c}\n" for c in [0, 1, 0]))
     result = run("pack_rec", tmp_path / "train.lst", tmp_path / "out", "--workers", 1)
     assert result.returncode == 2 and "grouped by label" in result.stderr
-    assert not (tmp_path / "out" / "train.rec").exists() and not (tmp_path / "out" / "train.rec.tmp").exists()
+    assert not (tmp_path / "out" / "train.rec").exists() and not list((tmp_path / "out").glob(".*.tmp"))
     result = run("pack_rec", tmp_path / "train.lst", tmp_path / "out", "--workers", 1, "--plain")
     assert result.returncode == 0, result.stderr
     assert not read_layout(RecordReader(tmp_path / "out/train.rec", tmp_path / "out/train.idx")).insightface
@@ -146,4 +147,76 @@ def test_write_idx_rebuilds_a_missing_index(packed, tmp_path):
     result = run("inspect_rec", tmp_path, "--write-idx", "--workers", 1)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "train.idx").read_text() == (packed / "train.idx").read_text()
-    assert not os.path.exists(tmp_path / "train.idx.tmp")
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def _copy_folder(src: Path, dst: Path) -> Path:
+    dst.mkdir(exist_ok=True)
+    for f in ("train.rec", "train.idx"):
+        (dst / f).write_bytes((src / f).read_bytes())
+    return dst
+
+
+def test_inspect_fails_on_labels_that_name_no_class(packed, tmp_path):
+    # 4 identity records; the image at key 3 claims class 99 and the one at key 6 a NaN (scalar label: IRHeader + 4).
+    folder = _copy_folder(packed, tmp_path)
+    index = RecordIndex.load(folder / "train.idx")
+    raw = bytearray((folder / "train.rec").read_bytes())
+    for key, label in ((3, 99.0), (6, float("nan"))):
+        raw[index.offset(key) + 12:index.offset(key) + 16] = np.float32(label).tobytes()
+    (folder / "train.rec").write_bytes(bytes(raw))
+    result = run("inspect_rec", folder, "--workers", 1, "--no-decode")
+    assert result.returncode == 1 and "2 bad records" in result.stdout
+    assert f"key 3 at offset {index.offset(3)}: label 99, beyond the classes 0..3 its 4 identity records" \
+        in result.stdout
+    assert f"key 6 at offset {index.offset(6)}: label nan, not a class number" in result.stdout
+
+
+def test_inspect_fails_on_a_rec_cut_short(packed, tmp_path):
+    folder = _copy_folder(packed, tmp_path)
+    index = RecordIndex.load(folder / "train.idx")
+    raw = (folder / "train.rec").read_bytes()
+    (folder / "train.rec").write_bytes(raw[:index.offset(9)])
+    result = run("inspect_rec", folder, "--workers", 1)
+    assert result.returncode != 0
+    assert "past the end" in result.stdout + result.stderr
+
+
+def _crash_at_replace(monkeypatch, survive: int) -> None:
+    """The process dies at the (survive+1)-th rename: nothing after it runs, temporaries stay behind."""
+    real, calls = os.replace, []
+
+    def replace(src, dst):
+        if len(calls) == survive:
+            raise KeyboardInterrupt("power cut")
+        calls.append(dst)
+        real(src, dst)
+    monkeypatch.setattr(os, "replace", replace)
+
+
+@pytest.mark.parametrize("survive", [0, 1])
+def test_repack_interrupted_while_renaming_never_pairs_a_rec_with_a_foreign_idx(faces, packed, tmp_path,
+                                                                                monkeypatch, survive):
+    # Re-pack over an existing folder as a plain file (other offsets); die before or after the .rec is renamed.
+    folder = _copy_folder(packed, tmp_path)
+    old_rec = (folder / "train.rec").read_bytes()
+    _crash_at_replace(monkeypatch, survive)
+    with pytest.raises(KeyboardInterrupt):
+        _load("pack_rec").main([str(faces), str(folder), "--workers", "1", "--plain", "--force"])
+    monkeypatch.undo()
+    assert not (folder / "train.idx").exists()  # the old .idx went first; the new one was never renamed
+    assert ((folder / "train.rec").read_bytes() == old_rec) == (survive == 0)
+    with pytest.raises(UserError, match=r"train\.idx is missing in .*--write-idx"):
+        RecordDataset(str(folder), num_classes=4)
+    assert run("inspect_rec", folder, "--write-idx", "--workers", 1).returncode == 0  # the documented way back
+
+
+def test_pack_and_shuffle_leave_no_temporaries_and_a_failed_pack_keeps_the_old_pair(faces, packed, tmp_path):
+    result = run("shuffle_rec", packed, tmp_path / "shuffled", "--seed", 1)
+    assert result.returncode == 0 and not list((tmp_path / "shuffled").glob(".*")), result.stderr
+    folder = _copy_folder(packed, tmp_path / "again")
+    before = {f: (folder / f).read_bytes() for f in ("train.rec", "train.idx")}
+    (tmp_path / "bad.lst").write_text("".join(f"{faces}/person{c}/0.jpg\t{c}\n" for c in [0, 1, 0]))
+    result = run("pack_rec", tmp_path / "bad.lst", folder, "--workers", 1, "--force")
+    assert result.returncode == 2 and "grouped by label" in result.stderr
+    assert {f: (folder / f).read_bytes() for f in before} == before and not list(folder.glob(".*"))

@@ -1,5 +1,7 @@
 """Inspect a RecordIO folder (DIR/train.rec + train.idx): layout, image and class counts, label histogram, and a
-check that every image record reads and decodes. Bad records are listed with key and offset; exit status 1.
+check that every image record reads and decodes and has a class label (a whole number from 0, below the number of
+identity records in the InsightFace layout). Bad records are listed with key and offset; exit status 1. A folder
+that cannot be read at all (no .idx, a broken header record) is one error line; exit status 2.
 
 --write-idx rebuilds a missing or broken train.idx by scanning train.rec from the start (keys 0, 1, 2, ... in
 file order, as InsightFace and im2rec number them).
@@ -15,6 +17,7 @@ import numpy as np
 from tqdm import tqdm
 
 from arcface.data.decode import decode_rgb
+from arcface.data.record_checks import label_fault, label_faults
 from arcface.data.recordio import RecordIndex, RecordReader, first_label, read_layout, replaced_on_success
 from arcface.errors import UserError
 
@@ -22,23 +25,28 @@ _CHUNK = 1024
 _state: dict = {}
 
 
-def _init(reader: RecordReader, keys: np.ndarray, decode: bool) -> None:
-    _state.update(reader=reader, keys=keys, decode=decode)
+def _init(reader: RecordReader, keys: np.ndarray, decode: bool, identities: int | None) -> None:
+    _state.update(reader=reader, keys=keys, decode=decode, identities=identities)
 
 
 def check_chunk(start: int) -> tuple[list[int], list[str]]:
-    """Labels of the records in keys[start:start+_CHUNK], and one message per bad record."""
-    reader, labels, bad = _state["reader"], [], []
+    """Labels of the good records in keys[start:start+_CHUNK], and one message per bad record."""
+    reader, keys, labels, bad = _state["reader"], [], [], []
     for key in _state["keys"][start:start + _CHUNK].tolist():
         try:
             offset = reader.offset_of(key)
             header, data = reader.unpack_checked(reader.read_at(offset, key)[0], offset, key)
             if _state["decode"]:
                 decode_rgb(data)
-            labels.append(int(first_label(header)))
+            keys.append(key)
+            labels.append(first_label(header))
         except (UserError, ValueError) as e:
             bad.append(f"key {key} at offset {reader.index.offset(key)}: {e}")
-    return labels, bad
+    labels = np.asarray(labels, dtype=np.float64)
+    faults = label_faults(labels, _state["identities"])
+    bad += [f"key {key} at offset {reader.index.offset(key)}: {label_fault(label, _state['identities'])}"
+            for key, label in zip(np.asarray(keys)[faults].tolist(), labels[faults].tolist())]
+    return labels[~faults].astype(np.int64).tolist(), bad
 
 
 def histogram(counts: np.ndarray) -> list[str]:
@@ -62,12 +70,12 @@ def inspect(folder: str, decode: bool, workers: int) -> int:
                                         kind="stable")]
     counts = np.zeros(0, dtype=np.int64)
     bad: list[str] = []
-    with Pool(workers, initializer=_init, initargs=(reader, keys, decode)) as pool:
+    with Pool(workers, initializer=_init, initargs=(reader, keys, decode, layout.num_identities)) as pool:
         for labels, errors in tqdm(pool.imap(check_chunk, range(0, len(keys), _CHUNK)),
                                    total=-(-len(keys) // _CHUNK), unit="chunk", mininterval=1):
             bad += errors
             if labels:
-                found = np.bincount(np.asarray(labels, dtype=np.int64).clip(min=0))
+                found = np.bincount(np.asarray(labels, dtype=np.int64))
                 counts = np.pad(counts, (0, max(0, len(found) - len(counts))))
                 counts[:len(found)] += found
     print(f"{folder}: {'InsightFace' if layout.insightface else 'plain'} layout, {reader.size} bytes")

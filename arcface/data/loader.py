@@ -42,15 +42,22 @@ def load_batch(dataset: Dataset, indices: Sequence[int], out: torch.Tensor) -> t
 
 
 class _Batches(Dataset):
-    """Indexed by (slot, indices): builds that batch into ring slot `slot` and returns (slot, labels)."""
+    """Indexed by (slot, indices): builds that batch into ring slot `slot` and returns (slot, labels).
+
+    A UserError (bad data) is returned as (slot, error) rather than raised: torch re-raises a worker's exception
+    wrapped in a traceback of the worker, and the user should see the error's one sentence.
+    """
 
     def __init__(self, dataset: Dataset, ring: torch.Tensor):
         self.dataset = dataset
         self.ring = ring
 
-    def __getitem__(self, task: tuple[int, Sequence[int]]) -> tuple[int, torch.Tensor]:
+    def __getitem__(self, task: tuple[int, Sequence[int]]) -> tuple[int, torch.Tensor | UserError]:
         slot, indices = task
-        return slot, load_batch(self.dataset, indices, self.ring[slot])
+        try:
+            return slot, load_batch(self.dataset, indices, self.ring[slot])
+        except UserError as error:
+            return slot, error
 
 
 class _Slotted:
@@ -116,6 +123,8 @@ class TrainLoader:
     def _copied_out(self) -> Iterator[Batch]:
         pinned = self.device.type == "cuda"
         for slot, labels in self.loader:
+            if isinstance(labels, UserError):
+                raise labels  # bad data met while building this batch, in a worker or here
             images = torch.empty(self.ring.shape[1:], dtype=torch.uint8, pin_memory=pinned)
             yield images.copy_(self.ring[slot]), labels
 

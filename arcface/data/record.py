@@ -7,6 +7,7 @@ import numpy as np
 
 from arcface.data.base import EncodedImageDataset, check_num_classes, warn_if_resized
 from arcface.data.decode import decode_into
+from arcface.data.record_checks import check_labels, check_offsets, record_labels
 from arcface.data.recordio import RecordReader, first_label, read_layout
 from arcface.errors import UserError
 
@@ -14,9 +15,11 @@ from arcface.errors import UserError
 class RecordDataset(EncodedImageDataset):
     """Images and labels of `root/train.rec`, through `root/train.idx`.
 
-    Labels are checked against `num_classes` at start-up: for free from the identity records of the InsightFace
-    layout, or by reading every record header of a plain file (a few bytes each). `loader` names the loader the
-    training should use for it ("torch" or "dali", see `arcface.data.loader.build_loader`).
+    Checked at start-up from the `.idx` and record headers alone (no image is decoded): every offset lies inside
+    the `.rec`, and every image's label is a whole number below the class count, which comes from the identity
+    records of the InsightFace layout or from the largest label of a plain file, and is checked against
+    `num_classes`. `loader` names the loader the training should use for it ("torch" or "dali", see
+    `arcface.data.loader.build_loader`).
     """
 
     def __init__(self, root: str, num_classes: int, *, rec: str = "train.rec", idx: str = "train.idx",
@@ -28,6 +31,7 @@ class RecordDataset(EncodedImageDataset):
         self.image_size = image_size
         self.loader = loader
         self.reader = RecordReader(os.path.join(root, rec), os.path.join(root, idx))
+        check_offsets(self.reader)
         self.layout = read_layout(self.reader)
         self.keys = self.layout.image_keys
         if not len(self.keys):
@@ -37,10 +41,13 @@ class RecordDataset(EncodedImageDataset):
         warn_if_resized(self._record(0)[3], image_size, self.reader.rec_path)
 
     def _check_classes(self) -> None:
+        labels = record_labels(self.reader, self.keys)
         if self.layout.insightface:
             found, what = self.layout.num_identities, "identity records"
+            check_labels(self.reader, self.keys, labels, identities=found)
         else:
-            found, what = int(max(first_label(self.reader.read_header(int(k))) for k in self.keys)) + 1, "labels"
+            check_labels(self.reader, self.keys, labels)
+            found, what = int(labels.max()) + 1, "labels"
         check_num_classes(found, self.num_classes, f"{self.reader.rec_path} has {found} classes (from its {what})")
 
     def __len__(self) -> int:

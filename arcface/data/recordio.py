@@ -9,6 +9,7 @@ The `.idx` file is text, one `key<TAB>offset` line per record.
 from __future__ import annotations
 
 import os
+import secrets
 import struct
 import warnings
 from contextlib import contextmanager
@@ -18,6 +19,7 @@ from typing import Iterator, Sequence, Union
 import numpy as np
 
 from arcface.errors import UserError
+from arcface.fileio import fsync_dir
 
 MAGIC = 0xCED7230A
 _MAGIC_BYTES = struct.pack("<I", MAGIC)
@@ -126,18 +128,48 @@ class RecordWriter:
 
 @contextmanager
 def replaced_on_success(*paths: str) -> Iterator[list[str]]:
-    """Yield temporary names for `paths`; move them into place only if the block succeeds, so an interrupted
-    pack never leaves a half-written file under the real name."""
-    temps = [f"{p}.tmp" for p in paths]
+    """Yield unique temporary names beside `paths`; when the block succeeds, flush them to disk and move them into
+    place in the order given, else delete them. Unique names let concurrent writers (ranks) share a target.
+
+    Invariant for a `.rec` and its `.idx` (pass the `.rec` first): a crash at any moment leaves the old pair, the
+    new pair, or a `.rec` with no `.idx`, never a `.rec` beside an `.idx` of other contents. The old `.idx` is
+    deleted before the new `.rec` takes its place, the new `.idx` comes last, and the folder is flushed after each
+    step so the steps reach the disk in that order. A reader refuses a `.rec` without `.idx` (and
+    `tools/inspect_rec.py --write-idx` rebuilds it from the `.rec` alone).
+    """
+    temps = [_new_temporary(p) for p in paths]
     try:
         yield temps
+        for temp in temps:
+            _fsync(temp)
     except BaseException:
         for temp in temps:
             if os.path.exists(temp):
                 os.remove(temp)
         raise
+    for path in paths[1:]:  # companions of the first path go first: none may outlive the file it describes
+        if os.path.lexists(path):
+            os.remove(path)
+            fsync_dir(os.path.dirname(path) or ".")
     for temp, path in zip(temps, paths):
         os.replace(temp, path)
+        fsync_dir(os.path.dirname(path) or ".")
+
+
+def _new_temporary(path: str) -> str:
+    """Create an empty, uniquely named `.<name>.<random>.tmp` beside `path` (mode from the umask) and return it."""
+    folder, name = os.path.split(os.fspath(path))
+    temp = os.path.join(folder, f".{name}.{secrets.token_hex(6)}.tmp")
+    os.close(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    return temp
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class RecordIndex:
