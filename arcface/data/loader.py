@@ -109,9 +109,12 @@ class TrainLoader:
         self.ring = torch.empty((slots, batch_size) + image_shape, dtype=torch.uint8)
         if num_workers > 0:
             self.ring.share_memory_()
+        # A generator of its own: each epoch's iterator draws a worker seed from it, and drawing from the global
+        # one would shift the flips of a resumed run against the uninterrupted one.
         self.loader = DataLoader(_Batches(dataset, self.ring), batch_size=None, sampler=_Slotted(self.sampler, slots),
                                  num_workers=num_workers, persistent_workers=num_workers > 0,
-                                 prefetch_factor=_PREFETCH if num_workers > 0 else None)
+                                 prefetch_factor=_PREFETCH if num_workers > 0 else None,
+                                 generator=torch.Generator().manual_seed(seed))
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Select the epoch; `start_batch` > 0 resumes mid-epoch, skipping the batches already trained on."""
