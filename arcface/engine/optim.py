@@ -5,13 +5,20 @@ sparse tensor of those rows (see `PartialFC.row_sparse_parameters`), and `RowSpa
 algorithm (SGD with momentum, Adam/AdamW) to exactly those rows: gradient, weight decay and optimizer state of the
 other rows stay bit-for-bit untouched, and the memory per centre is its weight plus its optimizer state.
 Everything else (the backbone) goes through the configured torch optimizer unchanged.
+
+A torch optimizer built by hand over the head's parameters would fail inside its step on that sparse gradient
+(`add(sparse, dense) is not supported`, `Adam does not support sparse gradients`); a step pre-hook registered for
+every optimizer when this module is imported (which `arcface.heads` does) stops it first with one sentence naming
+`build_optimizer`.
 """
 from __future__ import annotations
 
+import weakref
 from typing import Callable
 
 import torch
 import torch.nn as nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from arcface.errors import UserError
 
@@ -150,6 +157,7 @@ class RowSparseOptimizer(torch.optim.Optimizer):
 
     def __init__(self, dense: torch.optim.Optimizer, row_sparse: list[nn.Parameter]):
         self.dense = dense
+        _WRAPPED.add(dense)
         self.row_rule = _row_rule(dense)
         groups = list(dense.param_groups)
         if row_sparse:
@@ -202,3 +210,32 @@ def build_optimizer(factory: Callable[..., torch.optim.Optimizer], backbone: nn.
     head_dense = [p for p in head.parameters() if p.requires_grad and id(p) not in sparse_ids]
     groups = [{"params": trainable}] + ([{"params": head_dense}] if head_dense else [])
     return RowSparseOptimizer(factory(groups), sparse)
+
+
+_WRAPPED: weakref.WeakSet = weakref.WeakSet()  # dense optimizers inside a RowSparseOptimizer: never given a sparse grad
+
+
+def _applies_sparse(optimizer: torch.optim.Optimizer, group: dict) -> bool:
+    """Whether torch's own step applies a sparse gradient in `group` (weight decay would need a dense one)."""
+    if isinstance(optimizer, torch.optim.SparseAdam):
+        return True
+    return isinstance(optimizer, (torch.optim.SGD, torch.optim.Adagrad)) and not group.get("weight_decay")
+
+
+def _refuse_sparse_gradients(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    """Step pre-hook of every optimizer: stop before a step that cannot apply a parameter's sparse gradient."""
+    if isinstance(optimizer, RowSparseOptimizer) or optimizer in _WRAPPED:
+        return
+    for group in optimizer.param_groups:
+        if _applies_sparse(optimizer, group):
+            continue
+        for p in group["params"]:
+            if p.grad is not None and p.grad.is_sparse:
+                raise UserError(
+                    f"{type(optimizer).__name__} cannot apply the sparse gradient of a parameter of shape "
+                    f"{tuple(p.shape)} (Partial FC gives its class centres one): build the optimizer with "
+                    f"arcface.engine.optim.build_optimizer(factory, backbone, head), which applies the same "
+                    f"algorithm to the sampled rows, or create the head with sparse_update=False")
+
+
+register_optimizer_step_pre_hook(_refuse_sparse_gradients)
