@@ -67,12 +67,19 @@ def test_public_pair_set_formats_load(tmp_path):
     pairs = load_pair_set(str(PAIRS_FIXTURE))  # written by Python 3: bytes rebuilt through _codecs.encode
     assert pairs.images.shape[0] == 2 * pairs.issame.shape[0]
     blobs, issame = _jpegs(20), [i % 2 == 0 for i in range(10)]
-    py2 = tmp_path / "py2.bin"
-    py2.write_bytes(_python2_pair_set(blobs, issame))
-    numpy_flags = _write_pickle(tmp_path / "np.bin", ([bytearray(b) for b in blobs], [np.bool_(s) for s in issame]))
-    for path in (py2, numpy_flags):
-        pairs = load_pair_set(str(path))
-        assert pairs.issame.tolist() == issame and tuple(pairs.images.shape) == (20, 3, 112, 112)
+    # cv2.imencode's (N, 1) uint8 arrays, as some pair-set tools store the JPEGs
+    arrays = [np.frombuffer(b, dtype=np.uint8).reshape(-1, 1) for b in blobs]
+    files = {"py2.bin": _python2_pair_set(blobs, issame),
+             "numpy_flags.bin": pickle.dumps(([bytearray(b) for b in blobs], [np.bool_(s) for s in issame]), 2),
+             "arrays_p5.bin": pickle.dumps((arrays, issame), protocol=5),
+             "arrays_p4.bin": pickle.dumps((arrays, issame), protocol=4),
+             # numpy 1 names its modules numpy.core.*: the same file as numpy 1 writes it
+             "arrays_numpy1.bin": pickle.dumps((arrays, issame), protocol=2).replace(b"numpy._core", b"numpy.core")}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+        pairs = load_pair_set(str(tmp_path / name))
+        assert pairs.issame.tolist() == issame and tuple(pairs.images.shape) == (20, 3, 112, 112), name
+        assert torch.equal(pairs.images, load_pair_set(str(tmp_path / "py2.bin")).images), name
 
 
 @pytest.mark.parametrize("payload", [
@@ -80,7 +87,8 @@ def test_public_pair_set_formats_load(tmp_path):
     lambda marker: _touch(marker),
     lambda marker: (_jpegs(2), [_Calls(exec, f"open({str(marker)!r}, 'w')")] * 10),
     lambda marker: (_jpegs(2), [_Calls(eval, f"open({str(marker)!r}, 'w')")] * 10),
-], ids=["os.system in a flag", "os.system as the whole file", "exec", "eval"])
+    lambda marker: ([np.array([_touch(marker)], dtype=object)] * 20, [True] * 10),
+], ids=["os.system in a flag", "os.system as the whole file", "exec", "eval", "numpy object array"])
 def test_pair_set_that_runs_code_is_refused_unrun(tmp_path, payload):
     marker = tmp_path / "marker"
     path = _write_pickle(tmp_path / "lfw.bin", payload(marker))
