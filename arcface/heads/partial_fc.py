@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from arcface.distributed import all_gather, all_reduce, get_rank, get_world_size
 from arcface.errors import UserError
-from arcface.heads.sharding import sample_centres, shard_range
+from arcface.heads.sharding import positive_mask, sample_centres, shard_range
 from arcface.heads.softmax import sharded_cross_entropy
 
 _LOGITS_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -103,11 +103,16 @@ class PartialFC(nn.Module):
         labels = self._integer_labels(labels)
         all_embeddings = torch.cat(all_gather(embeddings))
         all_labels = torch.cat(all_gather(labels))
-        self._check_range(all_labels)
+        if not all_labels.is_cuda:
+            # Free here; on a GPU it would make the host wait for the device every step, so there the datasets
+            # check labels as they read them (see arcface.data).
+            self._check_range(all_labels)
 
+        # Nothing below waits for the device (at a sample rate above zero; see `sample_centres`).
         local = all_labels - self.class_start
         mine = (local >= 0) & (local < self.num_local)
-        index = sample_centres(torch.unique(local[mine]), self.num_local, self.num_sample, self._generator())
+        index = sample_centres(positive_mask(local, self.num_local), self.num_sample, all_labels.numel(),
+                               self.sampling_generator())
         local_labels = torch.where(mine, torch.searchsorted(index, local), -1)
 
         with torch.autocast(all_embeddings.device.type, enabled=False):  # the head sets its own precision
@@ -120,16 +125,18 @@ class PartialFC(nn.Module):
                 logits = F.linear(unit.to(self.logits_dtype), centres.to(self.logits_dtype)).float()
 
         # Margins may need every row's target cosine (it lives on one shard) and the embedding norms.
-        rows = torch.nonzero(local_labels >= 0).squeeze(1)
         target_cosine = torch.zeros(logits.shape[0], device=logits.device)
-        target_cosine[rows] = logits.detach()[rows, local_labels[rows]]
+        if logits.shape[1]:  # gathered for every row, kept where the target is here
+            picked = logits.detach().gather(1, local_labels.clamp_min(0).unsqueeze(1)).squeeze(1)
+            target_cosine = torch.where(local_labels >= 0, picked, target_cosine)
         all_reduce(target_cosine)
         norms = all_embeddings.detach().float().norm(dim=1)
 
         logits = self.margin(logits, local_labels, target_cosine=target_cosine, norms=norms)
         return sharded_cross_entropy(logits.float(), local_labels)
 
-    def _generator(self) -> torch.Generator:
+    def sampling_generator(self) -> torch.Generator:
+        """The generator that draws each step's negative centres (its state is part of an exact resume)."""
         if self._sampler is None or self._sampler.device != self.weight.device:
             self._sampler = torch.Generator(self.weight.device).manual_seed(self._seed + 1)
         return self._sampler

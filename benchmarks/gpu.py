@@ -1,0 +1,637 @@
+"""GPU benchmark of the training path, in one run of a few minutes on one GPU.
+
+    python tools/benchmark.py gpu --out benchmarks/results/gpu.json
+    python tools/benchmark.py gpu --smoke          # every section on tiny sizes, CPU when there is no GPU
+
+Sections (each item prints a line as it finishes and is appended to the JSON at once, so an interrupted run keeps
+what it measured; an item that fails records its error and the run goes on; once --budget-s has passed, the
+remaining items are recorded as skipped):
+- environment: GPU, torch/CUDA versions, commit; the measured peak of a large bf16 and fp16 matmul.
+- backbones: a full training step (backbone forward, Partial FC ArcFace loss over 100k classes at rate 1,
+  backward, gradient clipping, SGD step; GradScaler with fp16, as the trainer does) at batch 128, for r50/r100 in
+  bf16/fp16, NCHW/channels_last, eager/torch.compile: samples/s, peak memory, MFU (FLOPs per trained sample =
+  3 x 2 x forward MACs counted by arcface.models.profiling), compile time, ratio to eager fp16 NCHW r50; then the
+  largest r50 bf16 channels_last batch that fits.
+- partial_fc: forward + backward + optimizer step of PartialFC alone (embedding 512, batch 128, rate 0.1) at
+  1M/4M/16M classes, row-sparse updates vs the dense gradient: step time and peak memory.
+- jpeg_decode: batched nvJPEG decode (torchvision.io.decode_jpeg on the GPU) of 112x112 q95 synthetic faces vs the
+  project's CPU loader (RecordIO, worker processes) and single-core decoders.
+- host_syncs: every place where a training step makes the host wait for the GPU (CUDA sync debug mode, and the
+  ops that need values on the host), attributed to lines of the arcface package.
+
+Item order puts cheap items first and torch.compile last, so a short budget loses the slowest items only.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import gc
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from arcface.data import decode as decode_module
+from arcface.data.decode import decode_rgb, encode_jpeg
+from arcface.data.loader import build_loader
+from arcface.data.record import RecordDataset
+from arcface.data.recordio import InsightFaceWriter
+from arcface.data.synthetic import SyntheticIdentities
+from arcface.data.transforms import prepare_batch
+from arcface.engine.optim import build_optimizer
+from arcface.heads import CombinedMargin, PartialFC
+from arcface.models import create_backbone
+from arcface.models.profiling import backbone_stats
+from benchmarks.host_syncs import HostReads, cuda_sync_warnings, tally
+
+REPO = Path(__file__).resolve().parents[1]
+SECTIONS = ("matmul", "backbones", "partial_fc", "jpeg_decode", "host_syncs")
+GIB = 2**30
+EMBEDDING = 512
+BASELINE = "r50 eager fp16 NCHW"
+
+
+@dataclass
+class Plan:
+    """Sizes of one run: the real ones on a GPU, tiny ones for --smoke."""
+
+    device: torch.device
+    compile_backend: str = "inductor"
+    backbone_kwargs: dict = field(default_factory=dict)
+    matmul: int = 8192
+    batch: int = 128
+    head_classes: int = 100_000
+    warmup: int = 3
+    seconds: float = 2.0  # each timed measurement runs steps for about this long
+    max_steps: int = 50
+    # (backbone, precision, channels_last, compiled), cheap first; the first is the baseline
+    eager: list = field(default_factory=lambda: [("r50", "fp16", False), ("r50", "bf16", False),
+                                                 ("r50", "bf16", True), ("r100", "bf16", True)])
+    compiled: list = field(default_factory=lambda: [("r50", "bf16", True), ("r50", "fp16", True),
+                                                    ("r100", "bf16", True)])
+    compile_need_s: dict = field(default_factory=lambda: {"r50": 100, "r100": 170})
+    big_batches: tuple = (256, 512, 1024, 2048, 4096, 8192)
+    pfc_classes: tuple = (1_000_000, 4_000_000, 16_000_000)
+    pfc_rate: float = 0.1
+    jpegs: int = 256  # distinct synthetic faces; the loader epoch repeats them
+    loader_images: int = 16384
+    gpu_decode_batches: tuple = (128, 512, 2048)
+    sync_backbone: str = "r50"
+    sync_classes: int = 1_000_000
+    sync_precisions: tuple = ("bf16", "fp16")
+    sync_steps: int = 3
+
+    @classmethod
+    def smoke(cls, device: torch.device) -> "Plan":
+        # r_tiny at its default widths (8 channels at full resolution) trained channels_last crashes torch 2.14's
+        # CPU kernels; 16 is fine. fp32 stands in for fp16, whose CPU convolutions are ten times slower than bf16's.
+        return cls(device, compile_backend="eager", matmul=256, batch=2, head_classes=1000, warmup=0, seconds=0.01,
+                   max_steps=2, backbone_kwargs={"widths": (16, 16, 32, 32)},
+                   eager=[("r_tiny", "fp32", False), ("r_tiny", "bf16", True)], compiled=[("r_tiny", "bf16", True)],
+                   compile_need_s={"r_tiny": 5}, big_batches=(4,), pfc_classes=(1000, 4000), jpegs=8,
+                   loader_images=64, gpu_decode_batches=(8,), sync_backbone="r_tiny", sync_classes=1000,
+                   sync_precisions=("bf16",), sync_steps=2)
+
+
+class Report:
+    """Results as they come: printed, and the whole JSON rewritten (atomically) after every item."""
+
+    def __init__(self, path: Path, budget_s: float, device: torch.device, header: dict):
+        self.path, self.budget_s, self.device, self.start = path, budget_s, device, time.perf_counter()
+        self.data = {"environment": header, **{s: [] for s in SECTIONS}, "summary": {}}
+        self.save()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=1, default=str) + "\n")
+        os.replace(tmp, self.path)
+
+    def item(self, section: str, name: str, fn: Callable[[], dict], need_s: float = 0.0) -> dict:
+        """Run one measurement unless the budget is spent; record its result, its error or why it was skipped."""
+        left = self.budget_s - self.elapsed()
+        started = time.perf_counter()
+        if left < need_s or left <= 0:
+            row = {"name": name, "skipped": f"time budget: {max(left, 0):.0f} s left of --budget-s {self.budget_s:.0f}"
+                                            f", this item needs about {need_s:.0f} s"}
+        else:
+            try:
+                row = {"name": name, **fn()}
+            except Exception as e:  # one failed measurement must not cost the others
+                traceback.print_exc(limit=4)
+                row = {"name": name, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:400]}"}
+            finally:
+                release(self.device)
+        row["wall_s"] = round(time.perf_counter() - started, 1)
+        self.data[section].append(row)
+        self.save()
+        shown = {k: v for k, v in row.items() if k != "name" and not isinstance(v, (list, dict))}
+        print(f"[{self.elapsed():5.0f} s] {section} | {name} | " + ", ".join(f"{k}={v}" for k, v in shown.items()),
+              flush=True)
+        return row
+
+
+def release(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_gib(device: torch.device) -> float | None:
+    return round(torch.cuda.max_memory_allocated(device) / GIB, 2) if device.type == "cuda" else None
+
+
+def seconds_per_call(fn: Callable[[], object], plan: Plan) -> tuple[float, int]:
+    """(mean seconds per call, calls timed): calls until about `plan.seconds` have passed, at least 2."""
+    sync(plan.device)
+    start, calls = time.perf_counter(), 0
+    while calls < 2 or (calls < plan.max_steps and time.perf_counter() - start < plan.seconds):
+        fn()
+        calls += 1
+        if calls == 2 or calls % 5 == 0:
+            sync(plan.device)  # keep the clock honest without a sync per call
+    sync(plan.device)
+    return (time.perf_counter() - start) / calls, calls
+
+
+# ---- environment -----------------------------------------------------------------------------------------------
+
+def commit(given: str | None) -> str:
+    if given:
+        return given
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                             timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return out.stdout.strip() + (" (with uncommitted changes)" if dirty else "") if out.returncode == 0 else "?"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (no git here: pass --commit)"
+
+
+def environment(plan: Plan, args) -> dict:
+    import torchvision
+
+    env = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "commit": commit(args.commit), "python": platform.python_version(), "torch": torch.__version__,
+           "torchvision": torchvision.__version__, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
+           "cpu_cores": os.cpu_count(), "device": str(plan.device), "smoke": args.smoke,
+           "peak_tflops_spec": args.peak_tflops, "budget_s": args.budget_s, "command": " ".join(sys.argv)}
+    if plan.device.type == "cuda":
+        props = torch.cuda.get_device_properties(plan.device)
+        env.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / GIB, 1),
+                   capability=f"{props.major}.{props.minor}", sms=props.multi_processor_count)
+    return env
+
+
+def bench_matmul(plan: Plan, dtype: torch.dtype) -> dict:
+    n = plan.matmul
+    a, b = (torch.randn(n, n, device=plan.device, dtype=dtype) for _ in range(2))
+    a @ b  # warm-up: library handles, kernel choice
+    seconds, calls = seconds_per_call(lambda: a @ b, plan)
+    return {"n": n, "tflops": round(2 * n**3 / seconds / 1e12, 1), "calls": calls}
+
+
+# ---- backbones -------------------------------------------------------------------------------------------------
+
+def training_step(model: nn.Module, backbone: nn.Module, head: nn.Module, optimizer, scaler, x, labels) -> Callable:
+    """One optimizer step as the trainer takes it (arcface/engine/trainer.py), on a fixed batch."""
+
+    def step() -> torch.Tensor:
+        loss = head(model(x), labels)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_(backbone.parameters(), 5.0)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    return step
+
+
+def sgd(lr: float = 0.1):
+    return partial(torch.optim.SGD, lr=lr, momentum=0.9, weight_decay=5e-4)
+
+
+class TrainSetup:
+    """Backbone (optionally compiled), Partial FC head, optimizer and scaler on the device."""
+
+    def __init__(self, plan: Plan, name: str, precision: str, channels_last: bool, compiled: bool = False,
+                 classes: int | None = None, rate: float = 1.0):
+        torch.manual_seed(0)
+        self.device = plan.device
+        self.backbone = create_backbone(name, precision=precision, channels_last=channels_last,
+                                        **plan.backbone_kwargs).to(plan.device)
+        self.backbone.train()
+        self.model = torch.compile(self.backbone, backend=plan.compile_backend) if compiled else self.backbone
+        self.classes = classes or plan.head_classes
+        self.head = PartialFC(CombinedMargin(), EMBEDDING, self.classes, sample_rate=rate).to(plan.device)
+        self.optimizer = build_optimizer(sgd(), self.backbone, self.head)
+        # As the trainer: a GradScaler only for fp16 on a GPU.
+        self.scaler = torch.amp.GradScaler(plan.device.type, enabled=precision == "fp16" and plan.device.type == "cuda")
+
+    def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.rand(size, 3, 112, 112, device=self.device) * 2 - 1
+        return x, torch.randint(0, self.classes, (size,), device=self.device)
+
+    def step(self, x: torch.Tensor, labels: torch.Tensor) -> Callable:
+        return training_step(self.model, self.backbone, self.head, self.optimizer, self.scaler, x, labels)
+
+
+@functools.lru_cache(maxsize=None)
+def flops_per_sample(name: str, kwargs: tuple = ()) -> float:
+    """Training FLOPs per sample: forward MACs x 2 FLOPs x 3 (forward, and backward at twice the forward)."""
+    return 3 * 2 * backbone_stats(name, **dict(kwargs))[1]
+
+
+def mfu_fields(samples_s: float, name: str, plan: Plan, peaks: dict[str, float]) -> dict:
+    achieved = samples_s * flops_per_sample(name, tuple(plan.backbone_kwargs.items())) / 1e12
+    out = {"tflops": round(achieved, 1)}
+    for label, peak in peaks.items():
+        if peak:
+            out[f"mfu_vs_{label}"] = round(achieved / peak, 3)
+    return out
+
+
+def bench_backbone(plan: Plan, name: str, precision: str, channels_last: bool, compiled: bool,
+                   peaks: dict[str, float]) -> dict:
+    setup = TrainSetup(plan, name, precision, channels_last, compiled)
+    step = setup.step(*setup.batch(plan.batch))
+    started = time.perf_counter()
+    step()
+    sync(plan.device)
+    first_s = time.perf_counter() - started
+    for _ in range(plan.warmup):
+        step()
+    reset_peak(plan.device)
+    seconds, steps = seconds_per_call(step, plan)
+    samples_s = plan.batch / seconds
+    row = {"batch": plan.batch, "samples_s": round(samples_s, 1), "step_ms": round(1e3 * seconds, 2),
+           "steps": steps, "peak_gib": peak_gib(plan.device), **mfu_fields(samples_s, name, plan, peaks)}
+    if compiled:  # the first step compiles forward and backward; one ordinary step of it was not compilation
+        row["compile_s"] = round(first_s - seconds, 1)
+    return row
+
+
+def bench_largest_batch(plan: Plan, name: str, peaks: dict[str, float]) -> dict:
+    """bf16 channels_last eager at growing batches until one does not fit; every batch that fit is timed."""
+    setup = TrainSetup(plan, name, "bf16", True)
+    tried = []
+    for batch in plan.big_batches:
+        try:
+            step = setup.step(*setup.batch(batch))
+            for _ in range(1 + plan.warmup):
+                step()
+            reset_peak(plan.device)
+            seconds, _ = seconds_per_call(step, plan)
+        except torch.OutOfMemoryError:
+            setup.optimizer.zero_grad(set_to_none=True)
+            step = None
+            release(plan.device)
+            tried.append({"batch": batch, "fits": False})
+            break
+        samples_s = batch / seconds
+        tried.append({"batch": batch, "fits": True, "samples_s": round(samples_s, 1), "peak_gib": peak_gib(plan.device),
+                      **mfu_fields(samples_s, name, plan, peaks)})
+        print(f"         batch {batch}: {samples_s:.0f} samples/s, peak {tried[-1]['peak_gib']} GiB", flush=True)
+    fitting = [t for t in tried if t["fits"]]
+    best = max(fitting, key=lambda t: t["samples_s"]) if fitting else {}
+    return {"largest_batch": fitting[-1]["batch"] if fitting else None, "best_batch": best.get("batch"),
+            "best_samples_s": best.get("samples_s"), "best_mfu_vs_spec": best.get("mfu_vs_spec"), "tried": tried}
+
+
+def variant_name(name: str, precision: str, channels_last: bool, compiled: bool) -> str:
+    return f"{name} {'compiled' if compiled else 'eager'} {precision} {'channels_last' if channels_last else 'NCHW'}"
+
+
+# ---- Partial FC ------------------------------------------------------------------------------------------------
+
+def bench_partial_fc(plan: Plan, head: PartialFC, sparse: bool) -> dict:
+    """Step time and peak memory of the head alone (behind a linear layer, so embeddings carry a gradient)."""
+    head.sparse_update = sparse  # the same centres under the other gradient design
+    backbone = nn.Linear(EMBEDDING, EMBEDDING, bias=False).to(plan.device)
+    release(plan.device)
+    reset_peak(plan.device)
+    optimizer = build_optimizer(sgd(), backbone, head)
+    generator = torch.Generator(plan.device).manual_seed(0)
+    x = torch.randn(plan.batch, EMBEDDING, device=plan.device, generator=generator)
+    labels = torch.randint(0, head.num_classes, (plan.batch,), device=plan.device, generator=generator)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        head(backbone(x), labels).backward()
+        optimizer.step()
+
+    try:
+        step()  # allocates the momentum buffer: not timed
+        seconds, steps = seconds_per_call(step, plan)
+    except torch.OutOfMemoryError:
+        return {"fits": False, "peak_gib_before_oom": peak_gib(plan.device)}
+    finally:
+        head.weight.grad = None
+        optimizer.state.clear()
+    return {"fits": True, "step_ms": round(1e3 * seconds, 2), "steps": steps, "peak_gib": peak_gib(plan.device),
+            "centres_gib": round(head.weight.numel() * 4 / GIB, 2)}
+
+
+def partial_fc_items(plan: Plan, report: Report) -> None:
+    for classes in plan.pfc_classes:
+        holder: dict = {}
+
+        def build(classes=classes):
+            # Initialised on the CPU (the head's seeded generator), then moved: the CPU copy is freed.
+            started = time.perf_counter()
+            holder["head"] = PartialFC(CombinedMargin(), EMBEDDING, classes, sample_rate=plan.pfc_rate).to(plan.device)
+            return {"init_s": round(time.perf_counter() - started, 1)}
+
+        label = f"{classes:,} classes rate {plan.pfc_rate}"
+        need = 4 + classes / 1e6  # mostly the CPU init and the copy
+        if "error" in report.item("partial_fc", f"{label}: build", build, need) or "head" not in holder:
+            continue
+        for sparse in (True, False):
+            report.item("partial_fc", f"{label} {'sparse' if sparse else 'dense'}",
+                        lambda s=sparse: {"classes": classes, "design": "sparse" if s else "dense",
+                                          **bench_partial_fc(plan, holder["head"], s)}, need_s=5)
+        holder.clear()
+        release(plan.device)
+
+
+# ---- JPEG decode -----------------------------------------------------------------------------------------------
+
+def synthetic_jpegs(count: int) -> list[bytes]:
+    faces = SyntheticIdentities(num_classes=max(1, count // 4), images_per_class=4)
+    return [encode_jpeg(np.ascontiguousarray(faces[i][0].permute(1, 2, 0).numpy()), quality=95) for i in range(count)]
+
+
+def bench_gpu_decode(plan: Plan, jpegs: list[bytes], batch: int) -> dict:
+    from torchvision.io import decode_jpeg
+
+    data = [torch.frombuffer(bytearray(jpegs[i % len(jpegs)]), dtype=torch.uint8) for i in range(batch)]
+    decode_jpeg(data, device=plan.device)  # warm-up: decoder state, buffers
+    seconds, calls = seconds_per_call(lambda: decode_jpeg(data, device=plan.device), plan)
+    return {"device": str(plan.device), "batch": batch, "images_s": round(batch / seconds), "calls": calls}
+
+
+def bench_cpu_decoder(jpegs: list[bytes], decode: Callable[[bytes], object], threads: int, plan: Plan) -> dict:
+    """Images/s of `decode` over the JPEGs, in `threads` threads (the decoders release the GIL)."""
+    work = jpegs * max(1, 512 // len(jpegs))
+    with ThreadPoolExecutor(threads) as pool:
+        def epoch():
+            list(pool.map(decode, work, chunksize=max(1, len(work) // (4 * threads))))
+        epoch()
+        seconds, _ = seconds_per_call(epoch, plan)
+    return {"threads": threads, "images_s": round(len(work) / seconds)}
+
+
+def bench_project_loader(plan: Plan, jpegs: list[bytes], workers: int) -> dict:
+    """The training loader over a RecordIO file of the JPEGs (decode in worker processes into uint8 batches)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        with InsightFaceWriter(Path(tmp) / "train.rec", Path(tmp) / "train.idx") as writer:
+            for i in range(plan.loader_images):
+                writer.add(i % 1000, jpegs[i % len(jpegs)])
+        data = RecordDataset(tmp, num_classes=min(1000, plan.loader_images))
+        loader = build_loader(data, plan.batch, rank=0, world_size=1, seed=0, num_workers=workers,
+                              device=torch.device("cpu"))
+
+        def epoch():
+            return sum(len(images) for images, _ in loader)
+
+        epoch()  # worker start-up
+        started = time.perf_counter()
+        images = epoch()
+        return {"workers": workers, "images_s": round(images / (time.perf_counter() - started)), "images": images}
+
+
+def jpeg_items(plan: Plan, report: Report) -> None:
+    jpegs: list[bytes] = []
+
+    def make():
+        started = time.perf_counter()
+        jpegs.extend(synthetic_jpegs(plan.jpegs))
+        return {"jpegs": len(jpegs), "mean_kb": round(sum(map(len, jpegs)) / len(jpegs) / 1024, 1),
+                "make_s": round(time.perf_counter() - started, 1)}
+
+    report.item("jpeg_decode", "make synthetic-face JPEGs (112x112, q95)", make, need_s=10)
+    if not jpegs:
+        return
+    for batch in plan.gpu_decode_batches:
+        report.item("jpeg_decode", f"torchvision.io.decode_jpeg, batched list of {batch}, on {plan.device.type}",
+                    lambda b=batch: bench_gpu_decode(plan, jpegs, b), need_s=5)
+    decoders = {f"project decode_rgb ({'simplejpeg' if decode_module.simplejpeg else 'PIL'})": decode_rgb}
+    try:
+        import cv2
+        decoders["OpenCV imdecode"] = lambda b: cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_COLOR)
+    except ImportError:
+        pass
+    cores = os.cpu_count() or 1
+    for name, decode in decoders.items():
+        for threads in sorted({1, cores}):
+            report.item("jpeg_decode", f"CPU {name}, {threads} threads",
+                        lambda d=decode, t=threads: bench_cpu_decoder(jpegs, d, t, plan), need_s=5)
+    report.item("jpeg_decode", f"CPU project loader (RecordIO, {cores} worker processes, uint8 batches)",
+                lambda: bench_project_loader(plan, jpegs, cores), need_s=15)
+
+
+# ---- host syncs ------------------------------------------------------------------------------------------------
+
+def sync_step(plan: Plan, precision: str) -> tuple[Callable, TrainSetup]:
+    """A trainer-like step including the input path: pinned uint8 batch -> device -> prepare_batch."""
+    setup = TrainSetup(plan, plan.sync_backbone, precision, True, classes=plan.sync_classes, rate=0.1)
+    images = torch.randint(0, 256, (plan.batch, 3, 112, 112), dtype=torch.uint8)
+    labels = torch.randint(0, setup.classes, (plan.batch,))
+    if plan.device.type == "cuda":
+        images, labels = images.pin_memory(), labels.pin_memory()
+
+    def step():
+        x = prepare_batch(images, plan.device, flip=True)
+        training_step(setup.model, setup.backbone, setup.head, setup.optimizer, setup.scaler, x,
+                      labels.to(plan.device, non_blocking=True))()
+
+    return step, setup
+
+
+def bench_syncs(plan: Plan, precision: str) -> dict:
+    step, _ = sync_step(plan, precision)
+    step()  # warm-up outside the capture: one-time set-up (momentum buffers, library handles) is not per step
+    sync(plan.device)
+    result = {"precision": precision, "steps": plan.sync_steps}
+    with HostReads() as reads:
+        step()
+    result["host_read_ops_per_step"] = tally(reads.sites)
+    if plan.device.type == "cuda":
+        with cuda_sync_warnings() as sites:
+            for _ in range(plan.sync_steps):
+                step()
+        sync(plan.device)
+        result["cuda_syncs_per_step"] = [dict(r, count=r["count"] / plan.sync_steps) for r in tally(sites)]
+        result["cuda_syncs_total"] = len(sites) / plan.sync_steps
+    else:
+        result["cuda_syncs_per_step"] = "not measured: CUDA's sync debug mode needs a GPU"
+    result["host_read_ops_total"] = len(reads.sites)
+    return result
+
+
+# ---- summary and tables ----------------------------------------------------------------------------------------
+
+def summarise(data: dict) -> dict:
+    rows = {r["name"]: r for r in data["backbones"] if "samples_s" in r}
+    base = rows.get(BASELINE) or next((r for r in data["backbones"] if "samples_s" in r), None)
+    if base:
+        for r in data["backbones"]:
+            if "samples_s" in r:
+                r["vs_baseline"] = round(r["samples_s"] / base["samples_s"], 3)
+    summary: dict = {"baseline": base["name"] if base else None}
+    pfc = {}
+    for r in data["partial_fc"]:
+        if r.get("fits"):
+            pfc.setdefault(r["classes"], {})[r["design"]] = r
+    summary["partial_fc_sparse_over_dense"] = {
+        f"{c:,}": {"time": round(d["sparse"]["step_ms"] / d["dense"]["step_ms"], 3),
+                   "memory": round(d["sparse"]["peak_gib"] / d["dense"]["peak_gib"], 3) if d["sparse"]["peak_gib"]
+                   else None}
+        for c, d in pfc.items() if "sparse" in d and "dense" in d}
+    r50 = [r for n, r in rows.items() if n.startswith("r50 ") and "bf16 channels_last" in n]
+    best_r50 = max((r["samples_s"] for r in r50), default=None)
+    gpu = [r["images_s"] for r in data["jpeg_decode"] if "decode_jpeg" in r["name"] and "images_s" in r]
+    cpu = [r["images_s"] for r in data["jpeg_decode"] if r["name"].startswith("CPU project loader") and "images_s" in r]
+    summary["decode"] = {"gpu_best_images_s": max(gpu, default=None), "cpu_loader_images_s": max(cpu, default=None),
+                         "r50_bf16_channels_last_best_samples_s": best_r50}
+    if gpu and cpu:
+        summary["decode"]["gpu_over_cpu_loader"] = round(max(gpu) / max(cpu), 2)
+    if gpu and best_r50:
+        summary["decode"]["gpu_decode_over_r50_rate"] = round(max(gpu) / best_r50, 2)
+    if cpu and best_r50:
+        summary["decode"]["cpu_loader_over_r50_rate"] = round(max(cpu) / best_r50, 2)
+    return summary
+
+
+def cell(row: dict, key: str) -> str:
+    value = row.get(key)
+    return "" if value is None else str(value)
+
+
+def tables(data: dict) -> str:
+    env = data["environment"]
+    out = ["# GPU benchmark", "", f"{env.get('gpu', env['device'])}; torch {env['torch']} (CUDA {env['cuda']}, cuDNN "
+           f"{env['cudnn']}), torchvision {env['torchvision']}, Python {env['python']}, {env['cpu_cores']} CPU cores; "
+           f"commit {env['commit']}; {env['date']}" + ("; SMOKE RUN (tiny sizes)" if env["smoke"] else ""), "",
+           f"Command: `{env['command']}`", ""]
+    columns = {
+        "matmul": ["name", "n", "tflops", "error", "skipped"],
+        "backbones": ["name", "batch", "samples_s", "vs_baseline", "step_ms", "peak_gib", "tflops", "mfu_vs_spec",
+                      "mfu_vs_measured", "compile_s", "largest_batch", "best_batch", "best_samples_s", "error",
+                      "skipped"],
+        "partial_fc": ["name", "fits", "step_ms", "peak_gib", "centres_gib", "init_s", "error", "skipped"],
+        "jpeg_decode": ["name", "images_s", "mean_kb", "error", "skipped"],
+        "host_syncs": ["name", "cuda_syncs_total", "host_read_ops_total", "error", "skipped"],
+    }
+    for section, keys in columns.items():
+        rows = data[section]
+        keys = [k for k in keys if any(k in r for r in rows)]
+        out += [f"## {section}", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+        out += ["| " + " | ".join(cell(r, k) for k in keys) + " |" for r in rows]
+        out.append("")
+    for r in data["host_syncs"]:
+        for key in ("cuda_syncs_per_step", "host_read_ops_per_step"):
+            if isinstance(r.get(key), list):
+                out += [f"{r['name']}, {key}:", ""] + [f"- {s['count']:g} x {s['what']} at {s['where']}"
+                                                        for s in r[key]] + [""]
+    out += ["## summary", "", "```", json.dumps(data["summary"], indent=1), "```", ""]
+    return "\n".join(out)
+
+
+# ---- driver ----------------------------------------------------------------------------------------------------
+
+def run(plan: Plan, report: Report, peak_spec: float) -> None:
+    peaks = {"spec": peak_spec, "measured": None}
+    for dtype in (torch.bfloat16, torch.float16):
+        row = report.item("matmul", f"{str(dtype).split('.')[1]} {plan.matmul}^3 matmul",
+                          lambda d=dtype: bench_matmul(plan, d), need_s=5)
+        if dtype == torch.bfloat16 and "tflops" in row:
+            peaks["measured"] = row["tflops"]
+
+    def backbone_item(name, precision, channels_last, compiled, need_s):
+        label = variant_name(name, precision, channels_last, compiled)
+        report.item("backbones", label, lambda: bench_backbone(plan, name, precision, channels_last, compiled, peaks),
+                    need_s)
+
+    for name, precision, channels_last in plan.eager:
+        backbone_item(name, precision, channels_last, False, need_s=8)
+    partial_fc_items(plan, report)
+    jpeg_items(plan, report)
+    for precision in plan.sync_precisions:
+        report.item("host_syncs", f"{plan.sync_backbone} {precision} channels_last + PartialFC "
+                                  f"{plan.sync_classes:,} classes rate 0.1 + SGD, batch {plan.batch}",
+                    lambda p=precision: bench_syncs(plan, p), need_s=10)
+    name = plan.eager[0][0]
+    report.item("backbones", f"{name} eager bf16 channels_last, largest batch",
+                lambda: bench_largest_batch(plan, name, peaks), need_s=20)
+    for name, precision, channels_last in plan.compiled:
+        backbone_item(name, precision, channels_last, True, need_s=plan.compile_need_s.get(name, 100))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tools/benchmark.py gpu", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", help="JSON results, rewritten after every item; the tables go beside it as .md "
+                                      "(default benchmarks/results/gpu.json, gpu_smoke.json with --smoke)")
+    parser.add_argument("--budget-s", type=float, default=420.0,
+                        help="after this many seconds the remaining items are skipped (default 420)")
+    parser.add_argument("--peak-tflops", type=float, default=989.0,
+                        help="dense bf16 peak for MFU (default 989, H100/H200 spec); MFU is also given against the "
+                             "bf16 matmul peak measured in the run")
+    parser.add_argument("--commit", help="commit to record when git is not available")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny sizes (r_tiny, batch 2, 1k classes, 8 JPEGs, torch.compile with the eager "
+                             "backend), on CPU when there is no GPU: checks every code path in well under a minute")
+    args = parser.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    if not cuda and not args.smoke:
+        print("error: no CUDA device is visible: run this on a GPU machine, or add --smoke for the tiny CPU check",
+              file=sys.stderr)
+        return 2
+    device = torch.device("cuda" if cuda else "cpu")
+    plan = Plan.smoke(device) if args.smoke else Plan(device)
+    out = Path(args.out or REPO / "benchmarks" / "results" / f"gpu{'_smoke' if args.smoke else ''}.json")
+    report = Report(out, args.budget_s, device, environment(plan, args))
+    env = report.data["environment"]
+    print(f"# {env.get('gpu', env['device'])} | torch {env['torch']} CUDA {env['cuda']} | commit {env['commit']} | "
+          f"budget {args.budget_s:.0f} s | results -> {out}", flush=True)
+    try:
+        run(plan, report, args.peak_tflops)
+    finally:
+        report.data["summary"] = summarise(report.data)
+        report.data["environment"]["total_s"] = round(report.elapsed(), 1)
+        report.save()
+        text = tables(report.data)
+        out.with_suffix(".md").write_text(text)
+        print("\n" + text, flush=True)
+    return 0
