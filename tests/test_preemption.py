@@ -100,7 +100,7 @@ def test_signal_saves_and_resume_is_exact(tmp_path, sig):
 
 def test_second_signal_exits_at_once(tmp_path):
     run_dir = tmp_path / "run"
-    proc = _start([*RUN, "tracking=none", "trainer.max_steps=1000"], tmp_path, run_dir)
+    proc = _start([*RUN, "tracking=none", "trainer.max_steps=1000", "trainer.num_epoch=200"], tmp_path, run_dir)
     # Two different signals: Python runs a handler once per pending signal number, and in numeric order.
     lines = _signal_after(proc, "step 2/1000", [signal.SIGINT, signal.SIGTERM])
     assert proc.returncode == 128 + signal.SIGTERM, "\n".join(lines)[-3000:]
