@@ -119,10 +119,15 @@ class Report:
         return time.perf_counter() - self.start
 
     def save(self) -> None:
+        """JSON and Markdown tables, both complete after every item (a run cut short keeps both)."""
+        self.data["summary"] = summarise(self.data)
+        self.data["environment"]["elapsed_s"] = round(self.elapsed(), 1)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=1, default=str) + "\n")
-        os.replace(tmp, self.path)
+        for path, text in ((self.path, json.dumps(self.data, indent=1, default=str) + "\n"),
+                           (self.path.with_suffix(".md"), tables(self.data))):
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(text)
+            os.replace(tmp, path)
 
     def item(self, section: str, name: str, fn: Callable[[], dict], need_s: float = 0.0) -> dict:
         """Run one measurement unless the budget is spent; record its result, its error or why it was skipped."""
@@ -152,6 +157,12 @@ def release(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def out_of_memory(error: Exception) -> bool:
+    """The allocator's OOM, or a library (cuDNN, cuBLAS) failing to get its workspace."""
+    return isinstance(error, torch.OutOfMemoryError) or any(
+        s in str(error) for s in ("out of memory", "ALLOC_FAILED", "CUDNN_STATUS_NOT_SUPPORTED"))
 
 
 def sync(device: torch.device) -> None:
@@ -191,9 +202,11 @@ def commit(given: str | None) -> str:
                              timeout=10)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
                                capture_output=True, text=True, timeout=10).stdout.strip()
-        return out.stdout.strip() + (" (with uncommitted changes)" if dirty else "") if out.returncode == 0 else "?"
+        if out.returncode == 0:
+            return out.stdout.strip() + (" (with uncommitted changes)" if dirty else "")
     except (OSError, subprocess.SubprocessError):
-        return "unknown (no git here: pass --commit)"
+        pass
+    return "unknown (no git checkout here: pass --commit)"
 
 
 def environment(plan: Plan, args) -> dict:
@@ -214,7 +227,8 @@ def environment(plan: Plan, args) -> dict:
 def bench_matmul(plan: Plan, dtype: torch.dtype) -> dict:
     n = plan.matmul
     a, b = (torch.randn(n, n, device=plan.device, dtype=dtype) for _ in range(2))
-    a @ b  # warm-up: library handles, kernel choice
+    for _ in range(20):  # warm-up: library handles, kernel choice, clocks
+        a @ b
     seconds, calls = seconds_per_call(lambda: a @ b, plan)
     return {"n": n, "tflops": round(2 * n**3 / seconds / 1e12, 1), "calls": calls}
 
@@ -312,11 +326,13 @@ def bench_largest_batch(plan: Plan, name: str, peaks: dict[str, float]) -> dict:
                 step()
             reset_peak(plan.device)
             seconds, _ = seconds_per_call(step, plan)
-        except torch.OutOfMemoryError:
+        except RuntimeError as e:  # torch.OutOfMemoryError is one
+            if not out_of_memory(e):
+                raise
             setup.optimizer.zero_grad(set_to_none=True)
             step = None
             release(plan.device)
-            tried.append({"batch": batch, "fits": False})
+            tried.append({"batch": batch, "fits": False, "error": str(e).splitlines()[0][:160]})
             break
         samples_s = batch / seconds
         tried.append({"batch": batch, "fits": True, "samples_s": round(samples_s, 1), "peak_gib": peak_gib(plan.device),
@@ -353,7 +369,9 @@ def bench_partial_fc(plan: Plan, head: PartialFC, sparse: bool) -> dict:
     try:
         step()  # allocates the momentum buffer: not timed
         seconds, steps = seconds_per_call(step, plan)
-    except torch.OutOfMemoryError:
+    except RuntimeError as e:  # torch.OutOfMemoryError is one
+        if not out_of_memory(e):
+            raise
         return {"fits": False, "peak_gib_before_oom": peak_gib(plan.device)}
     finally:
         head.weight.grad = None
@@ -520,16 +538,24 @@ def summarise(data: dict) -> dict:
         for c, d in pfc.items() if "sparse" in d and "dense" in d}
     r50 = [r for n, r in rows.items() if n.startswith("r50 ") and "bf16 channels_last" in n]
     best_r50 = max((r["samples_s"] for r in r50), default=None)
-    gpu = [r["images_s"] for r in data["jpeg_decode"] if "decode_jpeg" in r["name"] and "images_s" in r]
-    cpu = [r["images_s"] for r in data["jpeg_decode"] if r["name"].startswith("CPU project loader") and "images_s" in r]
-    summary["decode"] = {"gpu_best_images_s": max(gpu, default=None), "cpu_loader_images_s": max(cpu, default=None),
-                         "r50_bf16_channels_last_best_samples_s": best_r50}
-    if gpu and cpu:
-        summary["decode"]["gpu_over_cpu_loader"] = round(max(gpu) / max(cpu), 2)
-    if gpu and best_r50:
-        summary["decode"]["gpu_decode_over_r50_rate"] = round(max(gpu) / best_r50, 2)
-    if cpu and best_r50:
-        summary["decode"]["cpu_loader_over_r50_rate"] = round(max(cpu) / best_r50, 2)
+    decode = data["jpeg_decode"]
+    rates = {
+        "gpu_decode": [r["images_s"] for r in decode if "decode_jpeg" in r["name"] and "images_s" in r],
+        "cpu_loader": [r["images_s"] for r in decode if r["name"].startswith("CPU project loader") and "images_s" in r],
+        "cpu_threads": [r["images_s"] for r in decode if r["name"].startswith("CPU ") and r.get("threads", 1) > 1
+                        and "images_s" in r],
+    }
+    best = {k: max(v, default=None) for k, v in rates.items()}
+    cpu = best["cpu_loader"] or best["cpu_threads"]
+    summary["decode"] = {**{f"{k}_best_images_s": v for k, v in best.items()},
+                         "r50_bf16_channels_last_samples_s": best_r50}
+    if best["gpu_decode"] and cpu:
+        summary["decode"]["gpu_beats_cpu"] = best["gpu_decode"] > cpu
+        summary["decode"]["gpu_over_cpu"] = round(best["gpu_decode"] / cpu, 2)
+    for k in ("gpu_decode", "cpu_loader"):
+        if best[k] and best_r50:
+            summary["decode"][f"{k}_feeds_r50"] = best[k] >= best_r50
+            summary["decode"][f"{k}_over_r50_rate"] = round(best[k] / best_r50, 2)
     return summary
 
 
@@ -555,6 +581,9 @@ def tables(data: dict) -> str:
     }
     for section, keys in columns.items():
         rows = data[section]
+        if not rows:
+            out += [f"## {section}", "", "(no items yet)", ""]
+            continue
         keys = [k for k in keys if any(k in r for r in rows)]
         out += [f"## {section}", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
         out += ["| " + " | ".join(cell(r, k) for k in keys) + " |" for r in rows]
@@ -628,10 +657,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(plan, report, args.peak_tflops)
     finally:
-        report.data["summary"] = summarise(report.data)
-        report.data["environment"]["total_s"] = round(report.elapsed(), 1)
         report.save()
-        text = tables(report.data)
-        out.with_suffix(".md").write_text(text)
-        print("\n" + text, flush=True)
+        print("\n" + tables(report.data), flush=True)
     return 0
