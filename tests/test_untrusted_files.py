@@ -115,7 +115,7 @@ def test_damaged_pair_sets_give_one_sentence(tmp_path):
         "shape.bin": ({"images": blobs}, r"holds a dict, not the pair-set pickle"),
         "flags.bin": ((blobs, [1] * 10), r"issame flag 1 that is not a bool"),
         "broken.bin": ((blobs[:3] + [b"\xff\xd8\xff\xe0 not a jpeg"] + blobs[4:], issame),
-                       r"image 3 \(pair 1\) of .*broken.bin is not a decodable image"),
+                       r"image 3 \(pair 1\) of .*broken.bin: not a decodable image"),
     }
     for name, (obj, message) in cases.items():
         path = _write_pickle(tmp_path / name, obj)
@@ -134,7 +134,7 @@ def test_pair_set_decompression_bomb_is_named(tmp_path):
     sof = bomb.find(b"\xff\xc0")  # baseline frame header: precision, height, width
     bomb[sof + 5:sof + 9] = struct.pack(">HH", 50000, 50000)
     path = _write_pickle(tmp_path / "bomb.bin", (blobs[:5] + [bytes(bomb)] + blobs[6:], [True] * 10))
-    with pytest.raises(UserError, match=r"image 5 \(pair 2\) of .*bomb.bin .*declares 50000x50000 pixels"):
+    with pytest.raises(UserError, match=r"image 5 \(pair 2\) of .*bomb.bin: its header declares 50000x50000 pixels"):
         load_pair_set(str(path))
 
 

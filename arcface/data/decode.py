@@ -13,7 +13,7 @@ import io
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 try:
     import simplejpeg
@@ -55,7 +55,12 @@ def decode_rgb(data: bytes) -> np.ndarray:
         raise ImageTooLarge(f"its header declares more than {2 * Image.MAX_IMAGE_PIXELS} pixels, far more than any "
                             f"face image needs (a decompression bomb, or not a face image)") from None
     except (OSError, SyntaxError, ValueError) as e:
-        raise ValueError(f"not a decodable image ({len(data)} bytes starting {data[:4].hex()}): {e}") from None
+        raise _undecodable(data, e) from None
+
+
+def _undecodable(data: bytes, error: Exception) -> ValueError:
+    why = "no image format recognised" if isinstance(error, UnidentifiedImageError) else str(error)
+    return ValueError(f"not a decodable image ({len(data)} bytes starting {data[:4].hex()}: {why})")
 
 
 def decode_image(data: bytes) -> torch.Tensor:
@@ -85,7 +90,7 @@ def image_size(data: bytes) -> tuple[int, int]:
         with Image.open(io.BytesIO(data)) as img:
             return img.height, img.width
     except (OSError, SyntaxError, ValueError) as e:
-        raise ValueError(f"not a decodable image ({len(data)} bytes starting {data[:4].hex()}): {e}") from None
+        raise _undecodable(data, e) from None
 
 
 def encode_jpeg(image: np.ndarray, quality: int = 95) -> bytes:

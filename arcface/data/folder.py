@@ -61,5 +61,5 @@ class ImageFolderDataset(EncodedImageDataset):
         try:
             decode_into(self._read(index), out)
         except ValueError as e:
-            raise UserError(f"{self.paths[index]} is not a decodable image ({e}): delete or replace it.") from None
+            raise UserError(f"{self.paths[index]}: {e}; delete or replace it.") from None
         return int(self.labels[index])

@@ -55,8 +55,7 @@ def load_pair_set(path: str) -> PairSet:
         try:
             images.append(decode_image(data))
         except ValueError as e:
-            raise UserError(f"image {i} (pair {i // 2}) of {file} is not a decodable image ({e}); "
-                            f"re-download the .bin") from None
+            raise UserError(f"image {i} (pair {i // 2}) of {file}: {e}; re-download the .bin") from None
     odd = next((i for i, image in enumerate(images) if image.shape != images[0].shape), None)
     if odd is not None:
         raise UserError(f"image {odd} of {file} is {tuple(images[odd].shape)[1:]} pixels but image 0 is "
