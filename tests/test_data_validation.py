@@ -17,7 +17,7 @@ from arcface.data import ImageFolderDataset, RecordDataset
 from arcface.data.decode import encode_jpeg
 from arcface.data.loader import build_loader
 from arcface.data.record_checks import record_labels
-from arcface.data.recordio import MAGIC, IRHeader, PlainWriter, RecordIndex, RecordReader, first_label, read_layout
+from arcface.data.recordio import MAGIC, PlainWriter, RecordIndex, RecordReader, first_label, read_layout
 from arcface.errors import UserError
 from conftest import FIXTURES
 

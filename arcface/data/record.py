@@ -70,6 +70,6 @@ class RecordDataset(EncodedImageDataset):
         try:
             decode_into(data, out)
         except ValueError as e:
-            raise UserError(f"record {key} at offset {offset} of {self.reader.rec_path}: {e}; find every bad record with `python tools/inspect_rec.py {self.root}` and "
-                            f"re-pack the file.") from None
+            raise UserError(f"record {key} at offset {offset} of {self.reader.rec_path}: {e}; find every bad record "
+                            f"with `python tools/inspect_rec.py {self.root}` and re-pack the file.") from None
         return label
