@@ -73,6 +73,7 @@ def pack(src: str, out_dir: str, *, size: int, quality: int, workers: int, reenc
          window: int = 512) -> tuple[int, list[str]]:
     """Write the folder; returns (images written, error messages of skipped files)."""
     items = folder_items(src) if os.path.isdir(src) else list_items(src)
+    # The .rec first: a crash while they are moved into place leaves no .idx beside a .rec it does not describe.
     outputs = os.path.join(out_dir, "train.rec"), os.path.join(out_dir, "train.idx")
     errors: list[str] = []
     written = 0

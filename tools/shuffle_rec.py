@@ -21,6 +21,7 @@ def shuffle(src_dir: str, out_dir: str, seed: int) -> int:
     reader = RecordReader(os.path.join(src_dir, "train.rec"), os.path.join(src_dir, "train.idx"))
     keys = read_layout(reader).image_keys
     order = keys[np.random.default_rng(seed).permutation(len(keys))]
+    # The .rec first: a crash while they are moved into place leaves no .idx beside a .rec it does not describe.
     outputs = os.path.join(out_dir, "train.rec"), os.path.join(out_dir, "train.idx")
     with replaced_on_success(*outputs) as (rec, idx), PlainWriter(rec, idx) as writer:
         for key in tqdm(order.tolist(), unit="img", mininterval=1):
