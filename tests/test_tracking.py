@@ -148,7 +148,7 @@ def test_resumed_run_continues_with_each_step_once(store, warnings):
     second = MLflowTracker(uri, "arcface", run_name="demo")
     second.start({"optimizer": {"lr": 0.1}, "trainer": {"max_steps": 9, "resume": "auto"}}, run_id=first.run_id)
     assert second.run_id == first.run_id
-    for step in (4, 5, 6):
+    for step in (2, 3, 4, 5, 6):  # resumed from a checkpoint at step 1: steps 2 and 3 are replayed
         second.log_metrics({"loss": 1.0 / step}, step)
     second.set_tags({"resumed_at": 3})
     second.end("FINISHED")

@@ -10,7 +10,8 @@ the OLDEST are dropped and counted), and the thread retries with a growing pause
 everything waiting has been delivered it warns once more: "tracking is back; N metrics delivered, M dropped".
 `end()` makes one last attempt; if the store is still unreachable, what is left is lost and an info line counts it.
 Each metric keeps the timestamp taken when it was logged, so re-sending a batch whose answer was lost does not
-duplicate it (MLflow ignores a point with the same key, step, value and timestamp).
+duplicate it (MLflow ignores a point with the same key, step, value and timestamp). A continued run drops points
+at steps it already holds (a job resumed from a checkpoint older than its last log line replays those steps).
 
 An error that retrying cannot fix (MLflow refuses a value, a deleted run) drops that one item with a warning; a
 refusal to open the run at all turns tracking off for the job.
@@ -140,6 +141,9 @@ class MLflowTracker(NullTracker):
         self._sending: list[tuple[str, float, int, int]] = []  # the batch in flight; requeued at the front on failure
         self._ops: deque[tuple[str, object]] = deque()  # ("params" | "tags" | "artifacts", payload), in order
         self._tags: dict[str, str] = {}
+        # A continued run's last step per metric: a job that crashed after its last checkpoint replays steps it
+        # had logged, and they are not logged twice.
+        self._logged_through: dict[str, int] = {}
         self._status: str | None = None  # set by end(): the run's final status
         self._thread: threading.Thread | None = None
         self._client = None
@@ -304,8 +308,9 @@ class MLflowTracker(NullTracker):
             return False
         with self._cond:
             op = self._ops[0] if self._ops else None
-            if op is None:
-                self._sending = [self._metrics.popleft() for _ in range(min(_BATCH, len(self._metrics)))]
+            while op is None and not self._sending and self._metrics:
+                batch = [self._metrics.popleft() for _ in range(min(_BATCH, len(self._metrics)))]
+                self._sending = [p for p in batch if p[3] > self._logged_through.get(p[0], -1)]
             self._current = "op" if op else "batch" if self._sending else "status"
             status = self._status
         if op is not None:
@@ -344,6 +349,8 @@ class MLflowTracker(NullTracker):
                 run = None
             if run is not None and run.info.lifecycle_stage == "active":
                 client.update_run(self.run_id, status="RUNNING")
+                self._logged_through = {key: max(m.step for m in client.get_metric_history(self.run_id, key))
+                                        for key in run.data.metrics}
                 if self._tags:
                     client.log_batch(self.run_id, tags=[RunTag(key, value) for key, value in self._tags.items()])
                 self._experiment_id = run.info.experiment_id
