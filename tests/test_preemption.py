@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -112,3 +113,35 @@ def test_resume_auto_without_a_checkpoint_says_so(tmp_path):
     proc = run_train([*TINY, "tracking=none", "trainer.max_steps=1", "trainer.resume=auto"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"found no checkpoint in {tmp_path / 'run'}: starting afresh" in proc.stdout + proc.stderr
+
+
+def test_a_signal_to_one_rank_stops_every_rank(tmp_path):
+    """SIGTERM reaches rank 1 alone; rank 0 learns of it through the per-step agreement and both save and stop."""
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1",
+           "PYTHONUNBUFFERED": "1"}
+    cmd = ["torchrun", "--standalone", "--nproc_per_node=2", "-m", "arcface.train", f"hydra.run.dir={run_dir}",
+           *RUN, "tracking=none", "trainer.max_steps=1000", "trainer.num_epoch=500"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line.rstrip("\n"))
+        if "step 2/1000" in line:
+            (rank1,) = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                        if p.environ().get("RANK") == "1"]
+            rank1.send_signal(signal.SIGTERM)
+            break
+    lines += proc.stdout.read().splitlines()
+    proc.wait(timeout=300)
+    log = "\n".join(lines)
+    # torchrun reports any non-zero exit with its own traceback; none may come from the training processes.
+    assert "arcface/" not in "".join(line for line in lines if line.lstrip().startswith("File ")), log[-3000:]
+    assert log.count("exitcode  : 75") == 2, log[-3000:]
+    (stopped,) = [line for line in lines if line.startswith("stopped by")]
+    assert stopped.startswith("stopped by a signal on another rank at step "), stopped
+    step = int(re.search(r"at step (\d+)/1000", stopped).group(1))
+    assert read_step(run_dir / "checkpoint.pt") == step
+
+
+def read_step(path: Path) -> int:
+    return torch.load(path, map_location="cpu", weights_only=True)["step"]
