@@ -16,8 +16,9 @@ from arcface.data.decode import encode_jpeg
 from arcface.errors import UserError
 from arcface.evaluation import load_pair_set
 from arcface.models import create_backbone, load_backbone_weights
+from conftest import FIXTURES
 
-PAIRS_FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "recordio" / "verification" / "pairs.bin"
+PAIRS_FIXTURE = FIXTURES / "verification" / "pairs.bin"
 
 
 class _RunsCommand:
