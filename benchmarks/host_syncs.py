@@ -5,7 +5,8 @@ Two views of the same question:
   warning is attributed, from the Python stack at that moment, to the innermost frame inside `arcface/`.
 - `HostReads`: on any device (so on a CPU machine too), the ops whose result the host must read to go on — a
   tensor read as a Python number, or an output whose size depends on the values (nonzero, unique, boolean-mask
-  indexing). On a GPU each of them is a sync.
+  indexing), or a Python scalar written through indexing (`x[i] = 1`: on a GPU the scalar is copied from the host,
+  which waits). On a GPU each of them is a sync.
 """
 from __future__ import annotations
 
@@ -83,7 +84,10 @@ class HostReads(TorchDispatchMode):
         name = func._overloadpacket.__name__
         bool_index = name in _INDEX_OPS and any(
             isinstance(t, torch.Tensor) and t.dtype == torch.bool for t in (args[1] if len(args) > 1 else ()) or ())
-        if name in _HOST_READ_OPS or bool_index:
-            what = f"{name} with a boolean mask" if bool_index else name
+        value = args[2] if name in _INDEX_OPS and len(args) > 2 else None
+        host_scalar = isinstance(value, torch.Tensor) and value.dim() == 0 and value.device.type == "cpu"
+        if name in _HOST_READ_OPS or bool_index or host_scalar:
+            what = (f"{name} with a boolean mask" if bool_index else
+                    f"{name} of a scalar from the host" if host_scalar else name)
             self.sites.append((arcface_frame(sys._getframe(1)), what))
         return func(*args, **(kwargs or {}))

@@ -62,7 +62,8 @@ def row_blocks(grad: torch.Tensor, block_rows: int = _BLOCK_ROWS):
     of tens of MiB are fresh mmaps each time, and their page faults cost more than the arithmetic.
     """
     index, values = grad._indices()[0], grad._values()
-    if not bool((index[1:] > index[:-1]).all()):  # duplicates (e.g. accumulated micro-batches) or unsorted
+    # Checked on the device (a wait for it) unless torch knows the rows sorted and unique (PartialFC marks its own).
+    if not grad.is_coalesced() and not bool((index[1:] > index[:-1]).all()):  # duplicates or unsorted
         grad = grad.coalesce()
         index, values = grad.indices()[0], grad.values()
     every_row = index.numel() == grad.shape[0]

@@ -37,10 +37,37 @@ def _precise(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.element_size() < 4 else x
 
 
-def target_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows, cols) of the target logits held here."""
-    rows = torch.nonzero(labels >= 0).squeeze(1)
-    return rows, labels[rows]
+class Targets:
+    """Each row's target column among the logits held here, read and written with fixed-size gather/scatter.
+
+    A row whose target lives on another shard (label -1) reads column 0 and writes back what it read, so no shape
+    depends on how many targets are here: the host never waits for the device to count them.
+    """
+
+    def __init__(self, labels: torch.Tensor, columns: int):
+        self.here = labels >= 0
+        self.cols = labels.clamp_min(0).unsqueeze(1)
+        self.columns = columns
+
+    def read(self, logits: torch.Tensor) -> torch.Tensor:
+        """(B,) each row's target logit (column 0 for rows without one; zeros when there are no columns)."""
+        if not self.columns:
+            return logits.new_zeros(logits.shape[0])
+        return logits.gather(1, self.cols).squeeze(1)
+
+    def write(self, logits: torch.Tensor, values: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
+        """`logits` with each present target replaced by `values`; `current` is `read(logits)`."""
+        if not self.columns:
+            return logits.clone()  # the caller scales the result in place
+        return logits.scatter(1, self.cols, torch.where(self.here, values, current).unsqueeze(1))
+
+    def fill_(self, mask: torch.Tensor, value: bool) -> torch.Tensor:
+        """Set a (B, K) bool mask to `value` at the present targets, in place."""
+        if self.columns:
+            current = mask.gather(1, self.cols)
+            here = self.here.unsqueeze(1)
+            mask.scatter_(1, self.cols, current | here if value else current & ~here)
+        return mask
 
 
 class Margin(nn.Module):
@@ -51,13 +78,12 @@ class Margin(nn.Module):
         self.s = s
         self.interclass_filtering_threshold = interclass_filtering_threshold
 
-    def filter_negatives(self, logits: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    def filter_negatives(self, logits: torch.Tensor, targets: Targets) -> torch.Tensor:
         """Zero negative cosines above the threshold: such a pair is likely the same identity under two labels."""
         if self.interclass_filtering_threshold <= 0:
             return logits
         with torch.no_grad():
-            keep = (logits <= self.interclass_filtering_threshold).to(logits.dtype)
-            keep[rows, cols] = 1
+            keep = targets.fill_(logits <= self.interclass_filtering_threshold, True).to(logits.dtype)
         return logits * keep
 
     @staticmethod
@@ -100,13 +126,14 @@ class CombinedMargin(Margin):
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor, target_cosine: torch.Tensor | None = None,
                 norms: torch.Tensor | None = None) -> torch.Tensor:
-        rows, cols = target_positions(labels)
-        logits = self.filter_negatives(logits, rows, cols)
-        target = _precise(logits[rows, cols])
+        targets = Targets(labels, logits.shape[1])
+        logits = self.filter_negatives(logits, targets)
+        current = targets.read(logits)
+        target = _precise(current)
         new_target = self.transform(target)
         if self.straight_through:
             new_target = target + (new_target - target).detach()
-        return logits.index_put((rows, cols), new_target.to(logits.dtype)).mul_(self.s)
+        return targets.write(logits, new_target.to(logits.dtype), current).mul_(self.s)
 
     def extra_repr(self) -> str:
         return (f"m1={self.m1}, m2={self.m2}, m3={self.m3}, straight_through={self.straight_through}, "
@@ -127,19 +154,19 @@ class CurricularFace(Margin):
     def forward(self, logits: torch.Tensor, labels: torch.Tensor, target_cosine: torch.Tensor | None = None,
                 norms: torch.Tensor | None = None) -> torch.Tensor:
         target_cosine = _precise(self.target_cosine_of(logits, labels, target_cosine))
-        rows, cols = target_positions(labels)
-        logits = self.filter_negatives(logits, rows, cols)
+        targets = Targets(labels, logits.shape[1])
+        logits = self.filter_negatives(logits, targets)
         with torch.no_grad():
             if self.training:
                 self.t.lerp_(target_cosine.mean(), self.momentum)
             # Each row's margined target, also for rows whose target centre is on another shard.
             threshold = monotone_cos(torch.acos(target_cosine.clamp(-1 + _COS_EPS, 1 - _COS_EPS)) + self.m)
-            hard = logits > threshold.to(logits.dtype).unsqueeze(1)
-            hard[rows, cols] = False
+            hard = targets.fill_(logits > threshold.to(logits.dtype).unsqueeze(1), False)
         logits = torch.where(hard, logits * (self.t.to(logits.dtype) + logits), logits)
-        theta = torch.acos(_precise(logits[rows, cols]).clamp(-1 + _COS_EPS, 1 - _COS_EPS))
+        current = targets.read(logits)
+        theta = torch.acos(_precise(current).clamp(-1 + _COS_EPS, 1 - _COS_EPS))
         new_target = monotone_cos(theta + self.m)
-        return logits.index_put((rows, cols), new_target.to(logits.dtype)).mul_(self.s)
+        return targets.write(logits, new_target.to(logits.dtype), current).mul_(self.s)
 
     def extra_repr(self) -> str:
         return f"m={self.m}, momentum={self.momentum}, {super().extra_repr()}"
@@ -165,17 +192,18 @@ class AdaFace(Margin):
                 norms: torch.Tensor | None = None) -> torch.Tensor:
         if norms is None:
             raise ValueError("AdaFace needs the embedding norms (the PartialFC head passes them)")
-        rows, cols = target_positions(labels)
-        logits = self.filter_negatives(logits, rows, cols)
+        targets = Targets(labels, logits.shape[1])
+        logits = self.filter_negatives(logits, targets)
         with torch.no_grad():
             norms = _precise(norms).clamp(0.001, 100)
             if self.training and norms.numel() > 1:
                 self.norm_mean.lerp_(norms.mean(), self.momentum)
                 self.norm_std.lerp_(norms.std(), self.momentum)
-            z = ((norms - self.norm_mean) / (self.norm_std + 1e-3) * self.h).clamp(-1, 1)[rows]
-        theta = torch.acos(_precise(logits[rows, cols]).clamp(-1 + _COS_EPS, 1 - _COS_EPS))
+            z = ((norms - self.norm_mean) / (self.norm_std + 1e-3) * self.h).clamp(-1, 1)
+        current = targets.read(logits)
+        theta = torch.acos(_precise(current).clamp(-1 + _COS_EPS, 1 - _COS_EPS))
         new_target = torch.cos((theta - self.m * z).clamp(_COS_EPS, math.pi - _COS_EPS)) - self.m * (1 + z)
-        return logits.index_put((rows, cols), new_target.to(logits.dtype)).mul_(self.s)
+        return targets.write(logits, new_target.to(logits.dtype), current).mul_(self.s)
 
     def extra_repr(self) -> str:
         return f"m={self.m}, h={self.h}, momentum={self.momentum}, {super().extra_repr()}"

@@ -94,6 +94,14 @@ class PartialFC(nn.Module):
         init = torch.Generator().manual_seed(self._seed)
         self.weight = nn.Parameter(torch.normal(0.0, 0.01, (self.num_local, embedding_size), generator=init))
         self._sampler: torch.Generator | None = None
+        # True: take the paths that never wait for the device (fixed-size sampling, no label range check) also on
+        # the CPU, to check them where there is no GPU; None (default): only on a GPU, where each wait costs.
+        self.sync_free: bool | None = None
+        # The sorted rows of the latest step's sparse gradient (see `_mark_coalesced`). Holding them keeps their
+        # memory from being reused, so a gradient whose indices sit at that address holds exactly these rows.
+        self._grad_rows: torch.Tensor | None = None
+        if sparse_update:
+            self.weight.register_post_accumulate_grad_hook(self._mark_coalesced)
 
     def row_sparse_parameters(self) -> list[nn.Parameter]:
         """Parameters whose gradient is a sparse tensor of sampled rows (the optimizer updates them row-wise)."""
@@ -103,21 +111,23 @@ class PartialFC(nn.Module):
         labels = self._integer_labels(labels)
         all_embeddings = torch.cat(all_gather(embeddings))
         all_labels = torch.cat(all_gather(labels))
-        if not all_labels.is_cuda:
+        sync_free = all_labels.is_cuda if self.sync_free is None else self.sync_free
+        if not sync_free:
             # Free here; on a GPU it would make the host wait for the device every step, so there the datasets
             # check labels as they read them (see arcface.data).
             self._check_range(all_labels)
 
-        # Nothing below waits for the device (at a sample rate above zero; see `sample_centres`).
+        # With sync_free nothing below waits for the device (at a sample rate above zero; see `sample_centres`).
         local = all_labels - self.class_start
         mine = (local >= 0) & (local < self.num_local)
         index = sample_centres(positive_mask(local, self.num_local), self.num_sample, all_labels.numel(),
-                               self.sampling_generator())
+                               self.sampling_generator(), fixed_size=sync_free)
         local_labels = torch.where(mine, torch.searchsorted(index, local), -1)
 
         with torch.autocast(all_embeddings.device.type, enabled=False):  # the head sets its own precision
             unit = F.normalize(all_embeddings.float())
             if self.sparse_update:
+                self._grad_rows = index
                 logits = _SampledCosine.apply(unit, self.weight, index, self.logits_dtype)
             else:  # the reference's design: plain autograd, whose gradient is dense over all C rows
                 every_row = index.numel() == self.num_local
@@ -134,6 +144,21 @@ class PartialFC(nn.Module):
 
         logits = self.margin(logits, local_labels, target_cosine=target_cosine, norms=norms)
         return sharded_cross_entropy(logits.float(), local_labels)
+
+    def _mark_coalesced(self, weight: nn.Parameter) -> None:
+        """After the gradient is stored: mark it coalesced when its rows are this step's sorted, unique sample.
+
+        The backward builds it coalesced, but torch stores a first gradient as a new tensor without that flag; the
+        optimizer would then check the order on the device and wait for the answer. A gradient summed over several
+        backward passes has new indices (and a flag torch keeps right), so it is left alone.
+        """
+        grad, rows = weight.grad, self._grad_rows
+        if grad is None or not grad.is_sparse or grad.is_coalesced() or rows is None:
+            return
+        index = grad._indices()
+        if index.data_ptr() == rows.data_ptr() and index.numel() == rows.numel() and index.is_contiguous():
+            weight.grad = torch.sparse_coo_tensor(index, grad._values(), grad.shape, is_coalesced=True,
+                                                  check_invariants=False)
 
     def sampling_generator(self) -> torch.Generator:
         """The generator that draws each step's negative centres (its state is part of an exact resume)."""

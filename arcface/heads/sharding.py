@@ -17,7 +17,8 @@ def positive_mask(local_labels: torch.Tensor, num_local: int) -> torch.Tensor:
     labels are local (which would make the host wait for the device to count them)."""
     mine = (local_labels >= 0) & (local_labels < num_local)
     flags = torch.zeros(num_local + 1, dtype=torch.bool, device=local_labels.device)
-    flags[torch.where(mine, local_labels, num_local)] = True
+    # A scatter of a scalar, not `flags[...] = True`: indexing copies the Python scalar to a GPU, and waits for it.
+    flags.scatter_(0, torch.where(mine, local_labels, num_local), True)
     return flags[:num_local]
 
 
@@ -27,7 +28,8 @@ def sample_centres(positive: torch.Tensor, num_sample: int, max_positives: int,
 
     `positive` is the (num_local,) mask of classes present in the global batch, at most `max_positives` of them (the
     global batch size). When the positives alone may reach `num_sample` (always with rate 0) the sample is the
-    positives alone, and its size is known only once the device has counted them: that path waits for the device.
+    positives alone if they do, and its size is known only once the device has listed them: that path waits for the
+    device once (inherent: the logits' width is then the number of classes in the batch).
     Otherwise the sample has `num_sample` rows whatever the labels, and with `fixed_size` (the default on a GPU)
     nothing here waits for the device; without it (the default on the CPU, where there is nothing to wait for) the
     sorted sample is read from a mask, which is cheaper there.
@@ -36,9 +38,9 @@ def sample_centres(positive: torch.Tensor, num_sample: int, max_positives: int,
     if num_sample >= num_local:
         return torch.arange(num_local, device=positive.device)
     if max_positives >= num_sample:
-        count = int(positive.sum())  # a host read: the sample's size depends on the labels
-        if count >= num_sample:
-            return positive.nonzero().squeeze(1)
+        positives = positive.nonzero().squeeze(1)  # a host read: the sample's size depends on the labels
+        if positives.numel() >= num_sample:
+            return positives
     # Random scores with positives forced above every negative: top-k keeps them and a uniform set of negatives.
     scores = torch.rand(num_local, device=positive.device, generator=generator).masked_fill_(positive, 2.0)
     chosen = scores.topk(num_sample, sorted=False).indices

@@ -14,16 +14,17 @@ class _ShardedCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        rows = labels >= 0
         if logits.shape[1]:
             row_max = logits.amax(dim=1)
+            # Gathered for every row and kept where the target is here: no shape depends on the labels' values.
+            picked = logits.gather(1, labels.clamp_min(0).unsqueeze(1)).squeeze(1)
+            target = torch.where(labels >= 0, picked, 0.0)
         else:  # rate 0 and no positive in this shard: contributes nothing
             row_max = logits.new_full((logits.shape[0],), float("-inf"))
+            target = torch.zeros_like(row_max)
         all_reduce(row_max, dist.ReduceOp.MAX)
         probs = (logits - row_max.unsqueeze(1)).exp_()
         sum_exp = all_reduce(probs.sum(dim=1))
-        target = torch.zeros_like(row_max)
-        target[rows] = logits[rows, labels[rows]]
         all_reduce(target)
         probs /= sum_exp.unsqueeze(1)
         ctx.save_for_backward(probs, labels)
@@ -34,8 +35,10 @@ class _ShardedCrossEntropy(torch.autograd.Function):
         probs, labels = ctx.saved_tensors
         # Reuse the saved probabilities (B x K can be large); a second backward through this graph then fails loudly.
         grad = probs
-        rows = torch.nonzero(labels >= 0).squeeze(1)
-        grad[rows, labels[rows]] -= 1
+        if grad.shape[1]:
+            # -1 at each present target; rows whose target is elsewhere add -0.0 to column 0, which changes nothing.
+            minus_one = (labels >= 0).to(grad.dtype).neg_().unsqueeze(1)
+            grad.scatter_add_(1, labels.clamp_min(0).unsqueeze(1), minus_one)
         return grad.mul_(grad_loss / probs.shape[0]), None
 
 
