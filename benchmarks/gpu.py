@@ -433,9 +433,10 @@ def bench_project_loader(plan: Plan, jpegs: list[bytes], workers: int) -> dict:
     """The training loader over a RecordIO file of the JPEGs (decode in worker processes into uint8 batches)."""
     with tempfile.TemporaryDirectory() as tmp:
         with InsightFaceWriter(Path(tmp) / "train.rec", Path(tmp) / "train.idx") as writer:
-            for i in range(plan.loader_images):
-                writer.add(i % 1000, jpegs[i % len(jpegs)])
-        data = RecordDataset(tmp, num_classes=min(1000, plan.loader_images))
+            classes = min(1000, plan.loader_images)
+            for i in range(plan.loader_images):  # a dataset's images come grouped by label, labels increasing
+                writer.add(i * classes // plan.loader_images, jpegs[i % len(jpegs)])
+        data = RecordDataset(tmp, num_classes=classes)
         loader = build_loader(data, plan.batch, rank=0, world_size=1, seed=0, num_workers=workers,
                               device=torch.device("cpu"))
 
@@ -648,6 +649,8 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     device = torch.device("cuda" if cuda else "cpu")
+    # TF32 for whatever still runs in float32 (the head's cosine matmul, the fp32 rows), as a GPU run should.
+    torch.set_float32_matmul_precision("high")
     plan = Plan.smoke(device) if args.smoke else Plan(device)
     out = Path(args.out or REPO / "benchmarks" / "results" / f"gpu{'_smoke' if args.smoke else ''}.json")
     report = Report(out, args.budget_s, device, environment(plan, args))
