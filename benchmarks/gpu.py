@@ -110,8 +110,10 @@ class Plan:
 class Report:
     """Results as they come: printed, and the whole JSON rewritten (atomically) after every item."""
 
-    def __init__(self, path: Path, budget_s: float, device: torch.device, header: dict):
+    def __init__(self, path: Path, budget_s: float, device: torch.device, header: dict,
+                 sections: tuple[str, ...] = SECTIONS):
         self.path, self.budget_s, self.device, self.start = path, budget_s, device, time.perf_counter()
+        self.sections = sections
         self.data = {"environment": header, **{s: [] for s in SECTIONS}, "summary": {}}
         self.save()
 
@@ -131,6 +133,8 @@ class Report:
 
     def item(self, section: str, name: str, fn: Callable[[], dict], need_s: float = 0.0) -> dict:
         """Run one measurement unless the budget is spent; record its result, its error or why it was skipped."""
+        if section not in self.sections:
+            return {}
         left = self.budget_s - self.elapsed()
         started = time.perf_counter()
         if left < need_s or left <= 0:
@@ -639,10 +643,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="dense bf16 peak for MFU (default 989, H100/H200 spec); MFU is also given against the "
                              "bf16 matmul peak measured in the run")
     parser.add_argument("--commit", help="commit to record when git is not available")
+    parser.add_argument("--sections", default=",".join(SECTIONS),
+                        help=f"comma-separated sections to run (default: all of {','.join(SECTIONS)})")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny sizes (r_tiny, batch 2, 1k classes, 8 JPEGs, torch.compile with the eager "
                              "backend), on CPU when there is no GPU: checks every code path in well under a minute")
     args = parser.parse_args(argv)
+    sections = tuple(args.sections.split(","))
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown:
+        print(f"error: --sections {','.join(unknown)} is unknown: choose from {','.join(SECTIONS)}", file=sys.stderr)
+        return 2
     cuda = torch.cuda.is_available()
     if not cuda and not args.smoke:
         print("error: no CUDA device is visible: run this on a GPU machine, or add --smoke for the tiny CPU check",
@@ -653,7 +664,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_float32_matmul_precision("high")
     plan = Plan.smoke(device) if args.smoke else Plan(device)
     out = Path(args.out or REPO / "benchmarks" / "results" / f"gpu{'_smoke' if args.smoke else ''}.json")
-    report = Report(out, args.budget_s, device, environment(plan, args))
+    report = Report(out, args.budget_s, device, environment(plan, args), sections)
     env = report.data["environment"]
     print(f"# {env.get('gpu', env['device'])} | torch {env['torch']} CUDA {env['cuda']} | commit {env['commit']} | "
           f"budget {args.budget_s:.0f} s | results -> {out}", flush=True)
