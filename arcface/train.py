@@ -103,7 +103,7 @@ def train(cfg: DictConfig, stop_request: StopRequest) -> str | None:
     dataset = instantiate(cfg.dataset.train)
     val_sets = {name: instantiate(node) for name, node in cfg.dataset.val.items()} if env.is_main else {}
     backbone = instantiate(cfg.backbone).to(env.device)
-    head = instantiate(cfg.pfc.head, margin=instantiate(cfg.margin)).to(env.device)
+    head = instantiate(cfg.pfc, margin=instantiate(cfg.margin)).to(env.device)
     optimizer = build_optimizer(instantiate(cfg.optimizer), backbone, head)
     loader = build_loader(dataset, cfg.trainer.batch_size, rank=env.rank, world_size=env.world_size,
                           seed=cfg.trainer.seed, num_workers=cfg.trainer.num_workers, device=env.device)

@@ -271,7 +271,7 @@ class TrainSetup:
         self.backbone.train()
         self.model = torch.compile(self.backbone, backend=plan.compile_backend) if compiled else self.backbone
         self.classes = classes or plan.head_classes
-        self.head = PartialFC(CombinedMargin(), EMBEDDING, self.classes, sample_rate=rate).to(plan.device)
+        self.head = PartialFC(CombinedMargin(), EMBEDDING, self.classes, rate=rate).to(plan.device)
         self.optimizer = build_optimizer(sgd(), self.backbone, self.head)
         # As the trainer: a GradScaler only for fp16 on a GPU.
         self.scaler = torch.amp.GradScaler(plan.device.type, enabled=precision == "fp16" and plan.device.type == "cuda")
@@ -391,7 +391,7 @@ def partial_fc_items(plan: Plan, report: Report) -> None:
         def build(classes=classes):
             # Initialised on the CPU (the head's seeded generator), then moved: the CPU copy is freed.
             started = time.perf_counter()
-            holder["head"] = PartialFC(CombinedMargin(), EMBEDDING, classes, sample_rate=plan.pfc_rate).to(plan.device)
+            holder["head"] = PartialFC(CombinedMargin(), EMBEDDING, classes, rate=plan.pfc_rate).to(plan.device)
             return {"init_s": round(time.perf_counter() - started, 1)}
 
         label = f"{classes:,} classes rate {plan.pfc_rate}"

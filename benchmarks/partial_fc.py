@@ -54,7 +54,7 @@ def estimate_gib(classes: int, rate: float, world: int, design: str) -> float:
 def _run_steps(classes: int, rate: float, design: str, steps: int) -> dict:
     """Build the head and optimizer in this process (rank of the current group) and time `steps` steps."""
     torch.manual_seed(0)
-    head = PartialFC(CombinedMargin(), EMBEDDING, classes, sample_rate=rate, sparse_update=design == "sparse")
+    head = PartialFC(CombinedMargin(), EMBEDDING, classes, rate=rate, sparse_update=design == "sparse")
     backbone = nn.Linear(EMBEDDING, EMBEDDING, bias=False)
     optimizer = build_optimizer(partial(torch.optim.SGD, lr=0.1, momentum=0.9, weight_decay=5e-4), backbone, head)
     generator = torch.Generator().manual_seed(get_rank())

@@ -46,7 +46,7 @@ def test_smoke_run_fills_every_section_without_optional_packages(tmp_path):
 
 def _host_reads(rate: float) -> list[tuple[str, str]]:
     torch.manual_seed(0)
-    head = PartialFC(CombinedMargin(), 16, 1000, sample_rate=rate)
+    head = PartialFC(CombinedMargin(), 16, 1000, rate=rate)
     embeddings = torch.randn(8, 16, requires_grad=True)
     labels = torch.randint(0, 1000, (8,))
     with HostReads() as reads:

@@ -39,7 +39,7 @@ def test_every_option_composes(group, option):
     cfg = resolved(compose_train([f"{group}={option}"]))
     assert cfg["dataset"]["num_classes"] > 0
     # Every node the entrypoint instantiates names a target that imports.
-    nodes = [cfg["backbone"], cfg["margin"], cfg["optimizer"], cfg["tracking"], cfg["scheduler"], cfg["pfc"]["head"],
+    nodes = [cfg["backbone"], cfg["margin"], cfg["optimizer"], cfg["tracking"], cfg["scheduler"], cfg["pfc"],
              cfg["dataset"]["train"], *cfg["dataset"]["val"].values()]
     for node in nodes:
         assert callable(get_object(node["_target_"])), node["_target_"]
@@ -60,8 +60,7 @@ def test_overrides_land():
     cfg = resolved(compose_train(["backbone=r50", "pfc.rate=0.3", "optimizer=adamw", "optimizer.lr=1e-3",
                                   "dataset=ms1mv3", "trainer.batch_size=64"]))
     assert cfg["backbone"]["name"] == "r50"
-    assert cfg["pfc"]["head"]["sample_rate"] == 0.3
-    assert cfg["pfc"]["head"]["num_classes"] == 93431
+    assert cfg["pfc"]["rate"] == 0.3 and cfg["pfc"]["num_classes"] == 93431
     assert cfg["optimizer"]["_target_"] == "torch.optim.AdamW" and cfg["optimizer"]["lr"] == 1e-3
     assert cfg["trainer"]["batch_size"] == 64
 
@@ -79,7 +78,7 @@ def test_presets_carry_reference_hyper_parameters():
 
 def test_command_line_beats_preset():
     cfg = resolved(compose_train(["experiment=ms1mv3_r50", "pfc.rate=0.1", "backbone=r18"]))
-    assert cfg["pfc"]["head"]["sample_rate"] == 0.1 and cfg["backbone"]["name"] == "r18"
+    assert cfg["pfc"]["rate"] == 0.1 and cfg["backbone"]["name"] == "r18"
 
 
 @pytest.mark.parametrize("override,message", [

@@ -25,7 +25,7 @@ def _batch(step: int, rank: int, world: int):
 
 
 def _build():
-    head = PartialFC(CurricularFace(), D, C, sample_rate=1.0)
+    head = PartialFC(CurricularFace(), D, C, rate=1.0)
     return head, build_optimizer(ADAMW, nn.Linear(1, 1), head)
 
 

@@ -27,7 +27,7 @@ def _data(world: int):
 
 
 def _head(margin, rate, weight_full) -> PartialFC:
-    head = PartialFC(margin, D, C, sample_rate=rate)
+    head = PartialFC(margin, D, C, rate=rate)
     with torch.no_grad():
         head.weight.copy_(weight_full[head.class_start:head.class_start + head.num_local])
     return head

@@ -19,7 +19,7 @@ C, D, B = 200, 16, 8
 
 def _model(**head_options) -> tuple[nn.Module, PartialFC]:
     torch.manual_seed(0)
-    return nn.Linear(D, D), PartialFC(CombinedMargin(), D, C, sample_rate=0.2, **head_options)
+    return nn.Linear(D, D), PartialFC(CombinedMargin(), D, C, rate=0.2, **head_options)
 
 
 def _backward(backbone: nn.Module, head: PartialFC) -> None:
@@ -66,7 +66,7 @@ def test_the_guard_is_active_after_importing_partial_fc_alone():
     script = ("import torch\n"
               "from arcface.heads.partial_fc import PartialFC\n"
               "from arcface.heads.margins import CombinedMargin\n"
-              "head = PartialFC(CombinedMargin(), 4, 10, sample_rate=0.5)\n"
+              "head = PartialFC(CombinedMargin(), 4, 10, rate=0.5)\n"
               "head(torch.randn(2, 4), torch.tensor([0, 1])).backward()\n"
               "torch.optim.SGD(head.parameters(), lr=0.1, weight_decay=1e-4).step()\n")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)

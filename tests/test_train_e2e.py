@@ -62,7 +62,7 @@ def test_unknown_backbone_name(tmp_path):
 
 def test_labels_beyond_num_classes(tmp_path):
     # The classifier is built for 8 classes while the data carries 16.
-    proc = run_train([*TINY, "pfc.head.num_classes=8", "tracking=none"], tmp_path)
+    proc = run_train([*TINY, "pfc.num_classes=8", "tracking=none"], tmp_path)
     _one_line_error(proc, "num_classes")
 
 

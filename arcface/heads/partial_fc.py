@@ -2,7 +2,7 @@
 
 Each rank holds a contiguous block of class centres (`shard_range`). A step all-gathers the embeddings and labels of
 every rank, samples this rank's centres (every positive in the global batch plus random negatives up to
-`sample_rate`), computes cosine logits against them, applies the margin and reduces the softmax across ranks. With
+`rate`), computes cosine logits against them, applies the margin and reduces the softmax across ranks. With
 `sparse_update` (the default) the centres' gradient is a sparse tensor holding only the sampled rows, which the
 optimizer from `arcface.engine.optim.build_optimizer` applies row-wise: unsampled centres and their optimizer state
 stay untouched, and no dense (C, D) gradient ever exists.
@@ -66,29 +66,29 @@ class _SampledCosine(torch.autograd.Function):
 class PartialFC(nn.Module):
     """Margin softmax classifier over `num_classes` centres sharded across ranks: `loss = head(embeddings, labels)`.
 
-    sample_rate: fraction of each shard's centres used per step (1.0 = full softmax, 0 = positives only).
-    logits_dtype: precision of the cosine matmul ("float32", "float16", "bfloat16"; `fp16_logits=True` is
-        shorthand for "float16"); margin and softmax always run in float32.
+    rate: fraction of each shard's centres used per step (1.0 = full softmax, 0 = positives only).
+    logits_dtype: precision of the cosine matmul ("float32", "float16", "bfloat16"); margin and softmax always
+        run in float32.
     sparse_update: False computes the logits as the reference does (plain autograd through the gathered,
         normalised centres), so their gradient is dense over all rows; kept to measure against.
     """
 
-    def __init__(self, margin: nn.Module, embedding_size: int, num_classes: int, sample_rate: float = 1.0,
-                 fp16_logits: bool = False, logits_dtype: str | None = None, sparse_update: bool = True):
+    def __init__(self, margin: nn.Module, embedding_size: int, num_classes: int, rate: float = 1.0,
+                 logits_dtype: str = "float32", sparse_update: bool = True):
         super().__init__()
-        if not 0.0 <= sample_rate <= 1.0:
-            raise UserError(f"pfc.rate={sample_rate} is not a fraction: set pfc.rate between 0 and 1")
-        dtype_name = logits_dtype or ("float16" if fp16_logits else "float32")
-        if dtype_name not in _LOGITS_DTYPES:
-            raise UserError(f"logits dtype {dtype_name!r} is unknown: use one of {', '.join(_LOGITS_DTYPES)}")
+        if not 0.0 <= rate <= 1.0:
+            raise UserError(f"pfc.rate={rate} is not a fraction: set pfc.rate between 0 and 1")
+        if logits_dtype not in _LOGITS_DTYPES:
+            raise UserError(f"pfc.logits_dtype={logits_dtype!r} is unknown: set it to one of "
+                            f"{', '.join(_LOGITS_DTYPES)}")
         self.margin = margin
         self.embedding_size = embedding_size
         self.num_classes = num_classes
-        self.sample_rate = sample_rate
-        self.logits_dtype = _LOGITS_DTYPES[dtype_name]
+        self.rate = rate
+        self.logits_dtype = _LOGITS_DTYPES[logits_dtype]
         self.sparse_update = sparse_update
         self.class_start, self.num_local = shard_range(num_classes, get_rank(), get_world_size())
-        self.num_sample = int(sample_rate * self.num_local)
+        self.num_sample = int(rate * self.num_local)
         # Seeded per shard, so shards start different even when every rank runs with the same seed.
         self._seed = torch.initial_seed() + self.class_start
         init = torch.Generator().manual_seed(self._seed)
@@ -183,5 +183,5 @@ class PartialFC(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, shard=[{self.class_start}, {self.class_start + self.num_local}), "
-                f"sample_rate={self.sample_rate}, logits_dtype={self.logits_dtype}, "
+                f"rate={self.rate}, logits_dtype={self.logits_dtype}, "
                 f"sparse_update={self.sparse_update}")
