@@ -49,3 +49,10 @@ def test_timm_model_trains_through_the_entrypoint(tmp_path):
     assert "step 2/2" in proc.stdout + proc.stderr
     state = torch.load(tmp_path / "run" / "model.pt", map_location="cpu")
     assert state["fc.weight"].shape[0] == 64 and any(k.startswith("trunk.") for k in state)
+
+
+@pytest.mark.parametrize("option,drop_path,mask_ratio", [
+    ("vit_t", 0.1, 0.1), ("vit_s", 0.1, 0.1), ("vit_b", 0.1, 0.1), ("vit_l", 0.05, 0.05), ("vit_h", 0.1, 0.0)])
+def test_vit_sizes_carry_the_reference_regularisation(option, drop_path, mask_ratio):
+    model = build([f"backbone={option}"])
+    assert model.mask_ratio == mask_ratio and model.blocks[-1].drop_path.p == pytest.approx(drop_path)
