@@ -55,7 +55,8 @@ def test_no_overrides_is_the_cpu_demo():
     assert cfg == resolved(compose_train(["experiment=demo"]))
     assert (cfg["backbone"]["name"], cfg["dataset"]["name"]) == ("r_tiny", "synthetic")
     trainer = cfg["trainer"]
-    assert (trainer["batch_size"], trainer["num_epoch"], trainer["log_every"], trainer["precision"]) == (64, 3, 16, "fp32")
+    assert (trainer["batch_size"], trainer["num_epoch"], trainer["log_every"]) == (64, 3, 16)
+    assert trainer["precision"] == "fp32"
 
 
 @pytest.mark.parametrize("dataset", options("dataset"))
@@ -65,9 +66,9 @@ def test_choosing_a_dataset_leaves_the_trainer_alone(dataset):
 
 
 def test_pair_sets_are_a_group():
-    cfg = resolved(compose_train(["~experiment", "dataset=webface12m", "dataset/val=insightface"]))
+    cfg = resolved(compose_train(["~experiment", "dataset=webface12m", "dataset/val=insightface", "data_dir=/d"]))
     assert sorted(cfg["dataset"]["val"]) == ["agedb_30", "cfp_fp", "lfw"]
-    assert cfg["dataset"]["val"]["lfw"]["path"] == cfg["dataset"]["root"] + "/lfw.bin" == "data/webface12m/lfw.bin"
+    assert cfg["dataset"]["val"]["lfw"]["path"] == "/d/webface12m/lfw.bin"
     assert resolved(compose_train(["experiment=ms1mv3_r50", "dataset/val=none"]))["dataset"]["val"] == {}
 
 
