@@ -76,6 +76,8 @@ RULES: dict[str, Range] = {
     "margin.interclass_filtering_threshold": FRACTION,
 }
 
+FLAGS = ("trainer.verify_at_start", "trainer.verify_at_end")  # `=no` would arrive as a string, which is truthy
+
 CHOICES: dict[str, tuple[str, ...]] = {
     "trainer.precision": ("fp32", "fp16", "bf16"),
     "trainer.on_nonfinite": ("stop", "skip"),
@@ -90,6 +92,10 @@ def check_config(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if not rule.admits(value):
             raise UserError(f"{key}={value!r} is invalid: {key} must be {rule.describe()}")
+    for key in FLAGS:
+        value = OmegaConf.select(cfg, key, default=False)
+        if not isinstance(value, bool):
+            raise UserError(f"{key}={value!r} is invalid: set {key}=true or {key}=false")
     for key, choices in CHOICES.items():
         value = OmegaConf.select(cfg, key)
         if value not in choices:

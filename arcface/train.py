@@ -28,6 +28,7 @@ from arcface.engine.stopping import EXIT_STOPPED, StopRequest
 from arcface.engine.tracking import NullTracker
 from arcface.engine.trainer import Trainer, TrainerOptions
 from arcface.errors import UserError
+from arcface.evaluation.selection import selected_pair_sets
 from arcface.fileio import remove_stale_temporaries
 
 log = logging.getLogger("arcface")
@@ -42,12 +43,17 @@ def _user_error(exc: BaseException) -> UserError | None:
     return None
 
 
-def _total_steps(cfg: DictConfig, batches_per_epoch: int) -> tuple[int, int]:
+def _total_steps(cfg: DictConfig, num_images: int, world_size: int, batches_per_epoch: int) -> tuple[int, int]:
     """(warmup steps, total steps) in optimizer steps; `trainer.max_steps` caps the run and the schedule with it."""
-    steps_per_epoch = batches_per_epoch // cfg.trainer.gradient_acc
+    acc = cfg.trainer.gradient_acc
+    steps_per_epoch = batches_per_epoch // acc
     if steps_per_epoch == 0:
-        raise UserError(f"the dataset gives {batches_per_epoch} batches per rank, fewer than trainer.gradient_acc="
-                        f"{cfg.trainer.gradient_acc}: lower trainer.batch_size or trainer.gradient_acc")
+        largest = num_images // (world_size * acc)
+        fix = (f"set trainer.batch_size to at most {largest}" if largest else
+               f"use fewer ranks or a smaller trainer.gradient_acc, or more images")
+        raise UserError(f"{cfg.dataset.name} has {num_images} images, which {world_size} rank(s) at trainer.batch_size="
+                        f"{cfg.trainer.batch_size} split into {batches_per_epoch} full batch(es) each, fewer than the "
+                        f"trainer.gradient_acc={acc} a step needs: {fix}")
     total = steps_per_epoch * cfg.trainer.num_epoch
     if cfg.trainer.max_steps is not None:
         total = min(total, cfg.trainer.max_steps)
@@ -87,8 +93,30 @@ def _resume_command(run_dir: Path) -> str:
 
 
 def _trainer_options(cfg: DictConfig) -> TrainerOptions:
-    keys = [f.name for f in fields(TrainerOptions) if f.name != "eval_batch_size"]
+    # A key a config leaves out keeps TrainerOptions' default, which is conf/train.yaml's.
+    keys = [f.name for f in fields(TrainerOptions) if f.name != "eval_batch_size" and f.name in cfg.trainer]
     return TrainerOptions(eval_batch_size=cfg.trainer.batch_size, **{k: cfg.trainer[k] for k in keys})
+
+
+def _cpu_precision(cfg: DictConfig, env) -> None:
+    """fp16 on a CPU-only run trains in fp32 instead, saying so once: the fp16 loss scaler needs CUDA, and CPU
+    autocast to fp16 measured 4-8x slower than fp32 (README, "Precision")."""
+    if env.device.type != "cpu":
+        return
+    changed = [key for key in ("trainer.precision", "backbone.precision") if OmegaConf.select(cfg, key) == "fp16"]
+    for key in changed:  # backbone.precision usually follows trainer.precision through an interpolation
+        OmegaConf.update(cfg, key, "fp32")
+    if changed and env.is_main:
+        log.warning("%s=fp16 needs a CUDA device: this CPU-only run trains in fp32 instead (fp16 on CPU runs "
+                    "without loss scaling and several times slower); set trainer.precision=fp32 to silence this",
+                    changed[0])
+
+
+def _count_classes(cfg: DictConfig, dataset) -> None:
+    """dataset.num_classes=null: the dataset counted its classes (dataset=folder); the head is built for them."""
+    if cfg.dataset.num_classes is None:
+        cfg.dataset.num_classes = dataset.num_classes
+        log.info("dataset.num_classes=%d, counted in %s", dataset.num_classes, getattr(dataset, "root", "the data"))
 
 
 def train(cfg: DictConfig, stop_request: StopRequest) -> str | None:
@@ -99,15 +127,18 @@ def train(cfg: DictConfig, stop_request: StopRequest) -> str | None:
     if env.is_main:
         for name in (CHECKPOINT_NAME, "model.pt"):  # what a killed writer may have left
             remove_stale_temporaries(output_dir / name)
+    _cpu_precision(cfg, env)
     torch.manual_seed(cfg.trainer.seed)
     dataset = instantiate(cfg.dataset.train)
-    val_sets = {name: instantiate(node) for name, node in cfg.dataset.val.items()} if env.is_main else {}
+    _count_classes(cfg, dataset)
+    pair_sets = selected_pair_sets(OmegaConf.select(cfg, "dataset.val"), HydraConfig.get().overrides.task)
+    val_sets = {name: instantiate(node) for name, node in pair_sets.items()} if env.is_main else {}
     backbone = instantiate(cfg.backbone).to(env.device)
     head = instantiate(cfg.pfc, margin=instantiate(cfg.margin)).to(env.device)
     optimizer = build_optimizer(instantiate(cfg.optimizer), backbone, head)
     loader = build_loader(dataset, cfg.trainer.batch_size, rank=env.rank, world_size=env.world_size,
                           seed=cfg.trainer.seed, num_workers=cfg.trainer.num_workers, device=env.device)
-    warmup, total = _total_steps(cfg, len(loader))
+    warmup, total = _total_steps(cfg, len(dataset), env.world_size, len(loader))
     schedule = instantiate(cfg.scheduler, warmup_steps=warmup, total_steps=total)
     tracker = instantiate(cfg.tracking) if env.is_main else NullTracker()
     trainer = Trainer(backbone, head, optimizer, loader, schedule, env=env, output_dir=output_dir,
@@ -140,8 +171,9 @@ def train(cfg: DictConfig, stop_request: StopRequest) -> str | None:
                   f"saved in {output_dir / CHECKPOINT_NAME}; resume with: {command}", file=sys.stderr, flush=True)
         return trainer.stopped_by
     for name, accs in results.items():
-        before = f"random-init accuracy {accs['initial']:.4f} -> " if "initial" in accs else ""
-        log.info("verification %s: %strained accuracy %.4f", name, before, accs["final"])
+        if "final" in accs:  # trainer.verify_at_end
+            before = f"random-init accuracy {accs['initial']:.4f} -> " if "initial" in accs else ""
+            log.info("verification %s: %strained accuracy %.4f", name, before, accs["final"])
     tracker.end()
     return None
 

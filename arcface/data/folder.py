@@ -24,15 +24,15 @@ def scan_folders(root: str, extensions: tuple[str, ...] = IMAGE_EXTENSIONS):
 class ImageFolderDataset(EncodedImageDataset):
     """Aligned face crops in `root/<identity>/*.jpg`; identities are numbered in sorted folder-name order.
 
-    Images of another size than `image_size` are resized (with one warning at start-up).
+    `num_classes` None counts the identity folders. Images of another size than `image_size` are resized (with one
+    warning at start-up).
     """
 
-    def __init__(self, root: str, num_classes: int, *, image_size: int = 112, loader: str = "torch"):
+    def __init__(self, root: str, num_classes: int | None = None, *, image_size: int = 112, loader: str = "torch"):
         if not os.path.isdir(root):
             raise UserError(f"dataset.root {root} is not a folder: point it at a folder with one sub-folder of "
                             f"images per identity.")
         self.root = root
-        self.num_classes = int(num_classes)
         self.image_size = image_size
         self.loader = loader
         self.classes: list[str] = []
@@ -44,6 +44,7 @@ class ImageFolderDataset(EncodedImageDataset):
         if not paths:
             raise UserError(f"{root} has no images ({', '.join(IMAGE_EXTENSIONS)}) in identity sub-folders: "
                             f"lay it out as {root}/<identity>/<image>.jpg.")
+        self.num_classes = len(self.classes) if num_classes is None else int(num_classes)
         check_num_classes(len(self.classes), self.num_classes, f"{root} has {len(self.classes)} identity folders")
         self.paths = paths
         self.labels = np.asarray(labels, dtype=np.int64)

@@ -37,8 +37,9 @@ class TrainerOptions:
     gradient_acc: int = 1
     grad_clip: float | None = 5.0  # max global norm of the backbone gradients; None: no clipping
     log_every: int = 10
-    verify_every: int = 2000
+    verify_every: int = 2000  # 0: no periodic verification
     verify_at_start: bool = True
+    verify_at_end: bool = True
     eval_batch_size: int = 128
     save_every: int = 2000
     keep_checkpoints: int = 2
@@ -129,7 +130,8 @@ class Trainer:
     def fit(self) -> dict[str, dict[str, float]]:
         """Train to the end, or until a signal (then `stopped_by` names it and a checkpoint holds the state).
 
-        Returns {val_set: {"initial": acc, "final": acc}} (rank 0; empty elsewhere).
+        Returns {val_set: {tag: acc}} for the verifications run: "initial", "step<N>", "final" (rank 0; empty
+        elsewhere).
         """
         if self.options.verify_at_start and self.step == 0:
             self._verify("initial")
@@ -141,7 +143,8 @@ class Trainer:
         if self.stopped_by is not None and self.step < self.total_steps:
             return self.results
         self.stopped_by = None  # a signal during the last step: the run is complete anyway
-        self._verify("final")
+        if self.options.verify_at_end:
+            self._verify("final")
         if self.env.is_main:
             path = save_backbone(self.backbone, self.output_dir / "model.pt")
             log.info("saved backbone weights to %s", path)
@@ -270,7 +273,8 @@ class Trainer:
         """Rank 0 evaluates every pair set; the others wait."""
         if self.env.is_main:
             for name, pairs in self.val_sets.items():
-                result = evaluate(self.backbone, pairs, self.options.eval_batch_size, self.env.device)
+                result = evaluate(self.backbone, pairs, self.options.eval_batch_size, self.env.device,
+                                  name=f"{name} [{tag}]")
                 self.results.setdefault(name, {})[tag] = result.accuracy
                 log.info("[%s] %s  accuracy %.4f +- %.4f  xnorm %.3f  val@far=%g %.4f", tag, name, result.accuracy,
                          result.accuracy_std, result.xnorm, result.far_target, result.val)

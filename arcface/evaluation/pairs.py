@@ -36,7 +36,7 @@ def load_pair_set(path: str) -> PairSet:
     file = Path(path)
     if not file.is_file():
         raise UserError(f"verification pair set {file} does not exist: put the .bin beside train.rec, "
-                        f"or train without it by removing it from dataset.val (e.g. 'dataset.val={{}}')")
+                        f"or train without pair sets with dataset.val=null")
     blobs, issame = _read_pickle(file)
     if len(issame) < 10:
         raise UserError(f"{file} holds {len(issame)} pairs, fewer than the 10 folds of the protocol; re-download it")

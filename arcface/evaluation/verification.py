@@ -1,6 +1,8 @@
 """1:1 verification on a pair set: 10-fold accuracy of squared-L2 thresholds, XNorm and VAL@FAR."""
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -9,6 +11,8 @@ import torch.nn.functional as F
 from sklearn.model_selection import KFold
 
 from arcface.evaluation.pairs import PairSet
+
+log = logging.getLogger(__name__)
 
 THRESHOLDS = np.arange(0, 4, 0.01)
 
@@ -26,15 +30,34 @@ class VerificationResult:
                 f"{prefix}/xnorm": self.xnorm, f"{prefix}/val@far": self.val}
 
 
+class _Progress:
+    """Logs "<name>: done/total images" at most every `every_s` seconds, so a long evaluation is seen to move."""
+
+    def __init__(self, name: str, total: int, every_s: float):
+        self.name, self.total, self.every_s = name, total, every_s
+        self.start = self.last = time.monotonic()
+
+    def update(self, done: int) -> None:
+        now = time.monotonic()
+        if now - self.last >= self.every_s and done < self.total:
+            self.last = now
+            log.info("verifying on %s: %d/%d images (%d%%) in %.0f s", self.name, done, self.total,
+                     100 * done // self.total, now - self.start)
+
+
 @torch.no_grad()
-def embed_pair_set(model: torch.nn.Module, pairs: PairSet, batch_size: int, device: torch.device):
+def embed_pair_set(model: torch.nn.Module, pairs: PairSet, batch_size: int, device: torch.device, *,
+                   name: str = "pairs", progress_every_s: float = 10.0):
     """Flip-augmented embeddings f(x) + f(flip x), L2-normalised, and the mean norm of the raw sums (XNorm)."""
     was_training = model.training
     model.eval()
     chunks = []
-    for start in range(0, len(pairs.images), batch_size):
+    total = len(pairs.images)
+    progress = _Progress(name, total, progress_every_s)
+    for start in range(0, total, batch_size):
         x = pairs.images[start:start + batch_size].to(device).float().div_(127.5).sub_(1.0)
         chunks.append((model(x) + model(torch.flip(x, dims=[3]))).float().cpu())
+        progress.update(min(start + batch_size, total))
     model.train(was_training)
     raw = torch.cat(chunks)
     return F.normalize(raw).numpy(), float(raw.norm(dim=1).mean())
@@ -68,7 +91,10 @@ def verification_scores(embeddings: np.ndarray, issame: np.ndarray, folds: int =
 
 
 def evaluate(model: torch.nn.Module, pairs: PairSet, batch_size: int = 64,
-             device: torch.device = torch.device("cpu"), far_target: float = 1e-3) -> VerificationResult:
-    embeddings, xnorm = embed_pair_set(model, pairs, batch_size, device)
+             device: torch.device = torch.device("cpu"), far_target: float = 1e-3, *, name: str = "pairs",
+             progress_every_s: float = 10.0) -> VerificationResult:
+    """Verification metrics of `model` on `pairs`; evaluations longer than `progress_every_s` log their progress."""
+    embeddings, xnorm = embed_pair_set(model, pairs, batch_size, device, name=name,
+                                       progress_every_s=progress_every_s)
     acc, std, val = verification_scores(embeddings, pairs.issame.numpy().astype(bool), far_target=far_target)
     return VerificationResult(acc, std, xnorm, val, far_target)
