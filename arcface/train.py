@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from arcface.config_checks import check_config
 from arcface.data.loader import build_loader
-from arcface.distributed import broadcast_object, get_rank, init_distributed, shutdown_distributed
+from arcface.distributed import DistEnv, broadcast_object, get_rank, init_distributed, shutdown_distributed
 from arcface.engine.checkpoint import CHECKPOINT_NAME, newest_readable
 from arcface.engine.optim import build_optimizer
 from arcface.engine.stopping import EXIT_STOPPED, StopRequest
@@ -50,8 +50,9 @@ def _total_steps(cfg: DictConfig, num_images: int, world_size: int, batches_per_
     if steps_per_epoch == 0:
         largest = num_images // (world_size * acc)
         fix = (f"set trainer.batch_size to at most {largest}" if largest else
-               f"use fewer ranks or a smaller trainer.gradient_acc, or more images")
-        raise UserError(f"{cfg.dataset.name} has {num_images} images, which {world_size} rank(s) at trainer.batch_size="
+               "use fewer ranks or a smaller trainer.gradient_acc, or more images")
+        source = OmegaConf.select(cfg, "dataset.root", default=None) or f"dataset={cfg.dataset.name}"
+        raise UserError(f"{source} has {num_images} images, which {world_size} rank(s) at trainer.batch_size="
                         f"{cfg.trainer.batch_size} split into {batches_per_epoch} full batch(es) each, fewer than the "
                         f"trainer.gradient_acc={acc} a step needs: {fix}")
     total = steps_per_epoch * cfg.trainer.num_epoch
@@ -98,7 +99,7 @@ def _trainer_options(cfg: DictConfig) -> TrainerOptions:
     return TrainerOptions(eval_batch_size=cfg.trainer.batch_size, **{k: cfg.trainer[k] for k in keys})
 
 
-def _cpu_precision(cfg: DictConfig, env) -> None:
+def _cpu_precision(cfg: DictConfig, env: DistEnv) -> None:
     """fp16 on a CPU-only run trains in fp32 instead, saying so once: the fp16 loss scaler needs CUDA, and CPU
     autocast to fp16 measured 4-8x slower than fp32 (r_tiny and r18, forward and backward, 2 cores)."""
     if env.device.type != "cpu":

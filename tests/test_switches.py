@@ -136,10 +136,10 @@ def test_fp16_on_cpu_trains_in_fp32_and_says_so(caplog):
 
 
 def test_too_few_batches_gives_the_counts():
-    cfg = _compose(["dataset=rec", "trainer.batch_size=128"])
-    with pytest.raises(UserError, match=r"rec has 48 images, which 1 rank\(s\) at trainer.batch_size=128 split into "
+    cfg = _compose(["dataset=rec", "dataset.root=/data/faces", "trainer.batch_size=128"])
+    with pytest.raises(UserError, match=r"^/data/faces has 48 images, which 1 rank\(s\) at trainer.batch_size=128 split into "
                                         r"0 full batch\(es\) each.*at most 48"):
         _total_steps(cfg, 48, 1, 0)
-    cfg = _compose(["dataset=rec", "trainer.batch_size=4", "trainer.gradient_acc=16"])
-    with pytest.raises(UserError, match=r"48 images, which 4 rank\(s\).*3 full.*gradient_acc=16.*fewer ranks"):
+    cfg = _compose(["dataset=synthetic", "trainer.batch_size=4", "trainer.gradient_acc=16"])
+    with pytest.raises(UserError, match=r"^dataset=synthetic has 48 images, which 4 rank\(s\).*3 full.*gradient_acc=16.*fewer ranks"):
         _total_steps(cfg, 48, 4, 3)
