@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from arcface.config_checks import check_config
 from arcface.data.loader import build_loader
 from arcface.distributed import DistEnv, broadcast_object, get_rank, init_distributed, shutdown_distributed
-from arcface.engine.checkpoint import CHECKPOINT_NAME, newest_readable
+from arcface.engine.training_state import CHECKPOINT_NAME, newest_readable
 from arcface.engine.optim import build_optimizer
 from arcface.engine.stopping import EXIT_STOPPED, StopRequest
 from arcface.engine.tracking import NullTracker

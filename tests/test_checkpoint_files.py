@@ -10,7 +10,7 @@ from functools import partial
 import pytest
 import torch
 
-from arcface.engine.checkpoint import newest_readable, read_training_state, save_training_state
+from arcface.engine.training_state import newest_readable, read_training_state, save_training_state
 from arcface.engine.optim import build_optimizer
 from arcface.errors import UserError
 from arcface.heads import CombinedMargin, PartialFC

@@ -11,7 +11,7 @@ import torch.nn as nn
 from arcface.data import SyntheticIdentities
 from arcface.data.loader import build_loader
 from arcface.distributed import DistEnv
-from arcface.engine.checkpoint import read_training_state
+from arcface.engine.training_state import read_training_state
 from arcface.engine.optim import build_optimizer
 from arcface.engine.schedule import PolynomialWarmup
 from arcface.engine.trainer import Diverged, Trainer, TrainerOptions

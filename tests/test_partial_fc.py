@@ -152,7 +152,7 @@ def test_optimizer_keeps_schedule_scaler_and_state_dict_contract():
     scaler.step(optimizer)
     scaler.update()
     state = optimizer.state_dict()
-    # The head's rows are sharded: they are saved by fc_checkpoint, not in the optimizer's state_dict.
+    # The head's rows are sharded: they are saved by arcface.heads.fc_state, not in the optimizer's state_dict.
     assert len(state["state"]) == 2 and state["param_groups"][1]["row_sparse"]
     rows = optimizer.state[head.weight]["momentum_buffer"].clone()
 

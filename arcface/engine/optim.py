@@ -152,7 +152,7 @@ class RowSparseOptimizer(torch.optim.Optimizer):
     `param_groups` are the dense optimizer's groups (the same dict objects) followed by one group of row-sparse
     parameters carrying the same hyper-parameters, so LR schedules, GradScaler and `zero_grad` see one optimizer.
     `state_dict()` holds the dense state and every group's hyper-parameters; the row-sparse parameters' state is
-    sharded over ranks and saved world-size-independently by `arcface.heads.fc_checkpoint`, so `load_state_dict`
+    sharded over ranks and saved world-size-independently by `arcface.heads.fc_state`, so `load_state_dict`
     leaves it as it is.
     """
 

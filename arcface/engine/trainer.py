@@ -17,7 +17,7 @@ from arcface.data.transforms import prepare_batch
 from arcface.distributed import DistEnv, barrier, gather_objects, sum_allreduce_hook
 from arcface.engine import rng
 from arcface.engine.amp import agree_on_overflow
-from arcface.engine.checkpoint import CHECKPOINT_NAME, load_training_state, save_backbone, save_training_state
+from arcface.engine.training_state import CHECKPOINT_NAME, load_training_state, save_backbone, save_training_state
 from arcface.engine.schedule import PolynomialWarmup
 from arcface.engine.stopping import StepFlags, StopRequest
 from arcface.engine.tracking import NullTracker

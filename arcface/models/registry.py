@@ -11,7 +11,7 @@ from typing import Callable
 import torch.nn as nn
 
 from arcface.errors import UserError
-from arcface.models.checkpoint import load_backbone_weights
+from arcface.models.weights import load_backbone_weights
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 # family name -> (does it know this model name?, factory(model_name, **kwargs))

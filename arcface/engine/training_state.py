@@ -15,8 +15,8 @@ import torch
 
 from arcface.errors import UserError
 from arcface.fileio import atomic_write, remove_stale_temporaries
-from arcface.heads.fc_checkpoint import load_fc_state, save_fc_state
-from arcface.models.checkpoint import load_backbone_weights
+from arcface.heads.fc_state import load_fc_state, save_fc_state
+from arcface.models.weights import load_backbone_weights
 
 log = logging.getLogger(__name__)
 
