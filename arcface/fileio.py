@@ -1,7 +1,7 @@
 """Writing files so that a crash at any moment leaves either the old file or the complete new one.
 
-A file is written under a unique hidden temporary name in its own directory, flushed to disk, given the mode a
-plain `open()` would have given it (the umask's), renamed over the target, and the directory is flushed so the
+A file is written under a unique hidden temporary name in its own directory (with the mode a plain `open()`
+would have given it, the umask's), flushed to disk, renamed over the target, and the directory is flushed so the
 rename itself survives a power cut. Temporaries left by a killed process are named `.<target>.<random>.tmp` and
 `remove_stale_temporaries` clears them.
 """
@@ -9,24 +9,29 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def fsync_dir(directory: str | Path) -> None:
-    """Flush a directory's entries (renames, creations) to disk."""
-    fd = os.open(directory, os.O_RDONLY)
+def fsync_path(path: str | Path) -> None:
+    """Flush a file's contents, or a directory's entries (renames, creations), to disk."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def new_temporary(path: str | Path) -> Path:
+    """Create an empty, uniquely named `.<name>.<random>.tmp` beside `path` and return it.
+
+    Unique names let concurrent writers (ranks) share a target; the mode comes from the umask like a plain `open()`.
+    """
+    path = Path(path)
+    temp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+    os.close(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    return temp
 
 
 @contextlib.contextmanager
@@ -38,20 +43,25 @@ def atomic_write(path: str | Path, before_replace=None) -> Iterator[BinaryIO]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    temp = new_temporary(path)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(temp, "wb") as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; other tools' files follow the umask
         if before_replace is not None:
             before_replace()
-        os.replace(tmp, path)
+        os.replace(temp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        temp.unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
+    fsync_path(path.parent)
+
+
+def write_text_atomically(path: str | Path, text: str) -> None:
+    """Replace `path` with `text` (UTF-8) so that readers see the old or the new contents, never a mix."""
+    with atomic_write(path) as f:
+        f.write(text.encode())
 
 
 def remove_stale_temporaries(path: str | Path) -> list[Path]:

@@ -53,6 +53,7 @@ from arcface.data.recordio import InsightFaceWriter
 from arcface.data.synthetic import SyntheticIdentities
 from arcface.data.transforms import prepare_batch
 from arcface.engine.optim import build_optimizer
+from arcface.fileio import write_text_atomically
 from arcface.heads import CombinedMargin, PartialFC
 from arcface.models import create_backbone
 from arcface.models.profiling import backbone_stats
@@ -127,9 +128,7 @@ class Report:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for path, text in ((self.path, json.dumps(self.data, indent=1, default=str) + "\n"),
                            (self.path.with_suffix(".md"), tables(self.data))):
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(text)
-            os.replace(tmp, path)
+            write_text_atomically(path, text)
 
     def item(self, section: str, name: str, fn: Callable[[], dict], need_s: float = 0.0) -> dict:
         """Run one measurement unless the budget is spent; record its result, its error or why it was skipped."""

@@ -9,7 +9,6 @@ The `.idx` file is text, one `key<TAB>offset` line per record.
 from __future__ import annotations
 
 import os
-import secrets
 import struct
 import warnings
 from contextlib import contextmanager
@@ -19,7 +18,7 @@ from typing import Iterator, Sequence, Union
 import numpy as np
 
 from arcface.errors import UserError
-from arcface.fileio import fsync_dir
+from arcface.fileio import fsync_path, new_temporary
 
 MAGIC = 0xCED7230A
 _MAGIC_BYTES = struct.pack("<I", MAGIC)
@@ -137,11 +136,11 @@ def replaced_on_success(*paths: str) -> Iterator[list[str]]:
     step so the steps reach the disk in that order. A reader refuses a `.rec` without `.idx` (and
     `tools/inspect_rec.py --write-idx` rebuilds it from the `.rec` alone).
     """
-    temps = [_new_temporary(p) for p in paths]
+    temps = [os.fspath(new_temporary(p)) for p in paths]
     try:
         yield temps
         for temp in temps:
-            _fsync(temp)
+            fsync_path(temp)
     except BaseException:
         for temp in temps:
             if os.path.exists(temp):
@@ -150,26 +149,10 @@ def replaced_on_success(*paths: str) -> Iterator[list[str]]:
     for path in paths[1:]:  # companions of the first path go first: none may outlive the file it describes
         if os.path.lexists(path):
             os.remove(path)
-            fsync_dir(os.path.dirname(path) or ".")
+            fsync_path(os.path.dirname(path) or ".")
     for temp, path in zip(temps, paths):
         os.replace(temp, path)
-        fsync_dir(os.path.dirname(path) or ".")
-
-
-def _new_temporary(path: str) -> str:
-    """Create an empty, uniquely named `.<name>.<random>.tmp` beside `path` (mode from the umask) and return it."""
-    folder, name = os.path.split(os.fspath(path))
-    temp = os.path.join(folder, f".{name}.{secrets.token_hex(6)}.tmp")
-    os.close(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-    return temp
-
-
-def _fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fsync_path(os.path.dirname(path) or ".")
 
 
 class RecordIndex:
