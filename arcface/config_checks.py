@@ -81,6 +81,9 @@ FLAGS = ("trainer.verify_at_start", "trainer.verify_at_end")  # `=no` would arri
 CHOICES: dict[str, tuple[str, ...]] = {
     "trainer.precision": ("fp32", "fp16", "bf16"),
     "trainer.on_nonfinite": ("stop", "skip"),
+    "trainer.accumulate": ("mean", "sum"),
+    "trainer.xnorm": ("sum", "reference"),
+    "scheduler.warmup": ("shifted", "reference"),
 }
 
 

@@ -19,6 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from arcface.compat import check_compat
 from arcface.config_checks import check_config
 from arcface.data.loader import build_loader
 from arcface.distributed import DistEnv, broadcast_object, get_rank, init_distributed, shutdown_distributed
@@ -123,6 +124,7 @@ def _count_classes(cfg: DictConfig, dataset) -> None:
 def train(cfg: DictConfig, stop_request: StopRequest) -> str | None:
     """Build everything and train; returns the signal that stopped the run early (state saved), or None."""
     check_config(cfg)
+    check_compat(cfg)
     env = init_distributed(timeout_s=cfg.trainer.dist_timeout_s)
     output_dir = Path(HydraConfig.get().runtime.output_dir)
     if env.is_main:

@@ -27,6 +27,7 @@ from arcface.evaluation import PairSet, evaluate
 log = logging.getLogger(__name__)
 
 NONFINITE_POLICIES = ("stop", "skip")
+ACCUMULATIONS = ("mean", "sum")
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,13 @@ class TrainerOptions:
     save_every: int = 2000
     keep_checkpoints: int = 2
     on_nonfinite: str = "stop"  # stop: end the run at a non-finite loss; skip: drop that step's update
+    accumulate: str = "mean"  # mean: a step's gradient is the micro-batches' mean; sum: their sum (arcface_torch)
+    xnorm: str = "sum"  # XNorm of verification logs: see arcface.evaluation.verification.embed_pair_set
+
+    def __post_init__(self):
+        if self.accumulate not in ACCUMULATIONS:
+            raise UserError(f"trainer.accumulate={self.accumulate!r} is unknown: set it to one of "
+                            f"{', '.join(ACCUMULATIONS)}")
 
 
 class Diverged(UserError):
@@ -198,6 +206,8 @@ class Trainer:
         micro = self.step * opts.gradient_acc
         epoch, start_batch = divmod(micro, len(self.loader))
         step_loss = torch.zeros((), device=self.env.device)
+        # mean: dividing by the accumulation count keeps the update size independent of it; sum: the reference's.
+        divisor = opts.gradient_acc if opts.accumulate == "mean" else 1
         tick, tick_step, start = time.perf_counter(), self.step, time.perf_counter()
         while self.step < self.total_steps:
             self.loader.set_epoch(epoch, start_batch)
@@ -210,8 +220,7 @@ class Trainer:
                 sync = contextlib.nullcontext() if last_micro or self.model is self.backbone else self.model.no_sync()
                 with sync:
                     loss = self.head(self.model(x), labels)
-                    # Dividing by the accumulation count keeps the update size independent of it.
-                    self.scaler.scale(loss / opts.gradient_acc).backward()
+                    self.scaler.scale(loss / divisor).backward()
                 step_loss += loss.detach() / opts.gradient_acc
                 if not last_micro:
                     continue
@@ -274,7 +283,7 @@ class Trainer:
         if self.env.is_main:
             for name, pairs in self.val_sets.items():
                 result = evaluate(self.backbone, pairs, self.options.eval_batch_size, self.env.device,
-                                  name=f"{name} [{tag}]")
+                                  name=f"{name} [{tag}]", xnorm=self.options.xnorm)
                 self.results.setdefault(name, {})[tag] = result.accuracy
                 log.info("[%s] %s  accuracy %.4f +- %.4f  xnorm %.3f  val@far=%g %.4f", tag, name, result.accuracy,
                          result.accuracy_std, result.xnorm, result.far_target, result.val)

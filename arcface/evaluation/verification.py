@@ -10,11 +10,13 @@ import torch
 import torch.nn.functional as F
 from sklearn.model_selection import KFold
 
+from arcface.errors import UserError
 from arcface.evaluation.pairs import PairSet
 
 log = logging.getLogger(__name__)
 
 THRESHOLDS = np.arange(0, 4, 0.01)
+XNORMS = ("sum", "reference")  # see embed_pair_set
 
 
 @dataclass
@@ -47,20 +49,30 @@ class _Progress:
 
 @torch.no_grad()
 def embed_pair_set(model: torch.nn.Module, pairs: PairSet, batch_size: int, device: torch.device, *,
-                   name: str = "pairs", progress_every_s: float = 10.0):
-    """Flip-augmented embeddings f(x) + f(flip x), L2-normalised, and the mean norm of the raw sums (XNorm)."""
+                   name: str = "pairs", progress_every_s: float = 10.0, xnorm: str = "sum"):
+    """Flip-augmented embeddings f(x) + f(flip x), L2-normalised, and their XNorm.
+
+    XNorm is the mean norm of the sums f(x) + f(flip x) (xnorm="sum"), or, as arcface_torch reports it
+    (xnorm="reference"), the mean of the norms of f(x) and f(flip x) taken separately: about half as large.
+    """
+    if xnorm not in XNORMS:
+        raise UserError(f"trainer.xnorm={xnorm!r} is unknown: set it to one of {', '.join(XNORMS)}")
     was_training = model.training
     model.eval()
-    chunks = []
+    chunks, norms = [], []
     total = len(pairs.images)
     progress = _Progress(name, total, progress_every_s)
     for start in range(0, total, batch_size):
         x = pairs.images[start:start + batch_size].to(device).float().div_(127.5).sub_(1.0)
-        chunks.append((model(x) + model(torch.flip(x, dims=[3]))).float().cpu())
+        plain, flipped = model(x).float().cpu(), model(torch.flip(x, dims=[3])).float().cpu()
+        chunks.append(plain + flipped)
+        if xnorm == "reference":
+            norms.append(torch.stack([plain.norm(dim=1), flipped.norm(dim=1)], dim=1).mean(dim=1))
         progress.update(min(start + batch_size, total))
     model.train(was_training)
     raw = torch.cat(chunks)
-    return F.normalize(raw).numpy(), float(raw.norm(dim=1).mean())
+    norm = raw.norm(dim=1) if xnorm == "sum" else torch.cat(norms)
+    return F.normalize(raw).numpy(), float(norm.mean())
 
 
 def _accuracy(threshold: float, dist: np.ndarray, same: np.ndarray) -> float:
@@ -92,9 +104,10 @@ def verification_scores(embeddings: np.ndarray, issame: np.ndarray, folds: int =
 
 def evaluate(model: torch.nn.Module, pairs: PairSet, batch_size: int = 64,
              device: torch.device = torch.device("cpu"), far_target: float = 1e-3, *, name: str = "pairs",
-             progress_every_s: float = 10.0) -> VerificationResult:
-    """Verification metrics of `model` on `pairs`; evaluations longer than `progress_every_s` log their progress."""
-    embeddings, xnorm = embed_pair_set(model, pairs, batch_size, device, name=name,
-                                       progress_every_s=progress_every_s)
+             progress_every_s: float = 10.0, xnorm: str = "sum") -> VerificationResult:
+    """Verification metrics of `model` on `pairs`; evaluations longer than `progress_every_s` log their progress.
+    `xnorm` picks the XNorm definition (see `embed_pair_set`)."""
+    embeddings, norm = embed_pair_set(model, pairs, batch_size, device, name=name,
+                                      progress_every_s=progress_every_s, xnorm=xnorm)
     acc, std, val = verification_scores(embeddings, pairs.issame.numpy().astype(bool), far_target=far_target)
-    return VerificationResult(acc, std, xnorm, val, far_target)
+    return VerificationResult(acc, std, norm, val, far_target)
