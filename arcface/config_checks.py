@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from omegaconf import DictConfig, OmegaConf
 
 from arcface.errors import UserError
+from arcface.precision import PRECISIONS
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,7 @@ RULES: dict[str, Range] = {
 FLAGS = ("trainer.verify_at_start", "trainer.verify_at_end")  # `=no` would arrive as a string, which is truthy
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "trainer.precision": ("fp32", "fp16", "bf16"),
+    "trainer.precision": tuple(PRECISIONS),
     "trainer.on_nonfinite": ("stop", "skip"),
     "trainer.accumulate": ("mean", "sum"),
     "trainer.xnorm": ("sum", "reference"),

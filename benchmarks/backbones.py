@@ -21,6 +21,7 @@ import torch
 
 from arcface.models import create_backbone
 from arcface.models.profiling import PeakMemory
+from arcface.precision import PRECISIONS
 
 VARIANTS = {  # name: backbone options
     "plain": {},
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--iters", type=int, default=3, help="timed rounds; the best is shown")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
+    parser.add_argument("--precision", default="fp32", choices=list(PRECISIONS))
     parser.add_argument("--out", help="also write the table, command, machine and date to this markdown file")
     args = parser.parse_args(argv)
     device = torch.device(args.device)

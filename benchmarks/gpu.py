@@ -57,6 +57,7 @@ from arcface.fileio import write_text_atomically
 from arcface.heads import CombinedMargin, PartialFC
 from arcface.models import create_backbone
 from arcface.models.profiling import backbone_stats
+from arcface.precision import needs_loss_scaling
 from benchmarks.host_syncs import HostReads, cuda_sync_warnings, tally
 
 REPO = Path(__file__).resolve().parents[1]
@@ -273,7 +274,7 @@ class TrainSetup:
         self.head = PartialFC(CombinedMargin(), EMBEDDING, self.classes, rate=rate).to(plan.device)
         self.optimizer = build_optimizer(sgd(), self.backbone, self.head)
         # As the trainer: a GradScaler only for fp16 on a GPU.
-        self.scaler = torch.amp.GradScaler(plan.device.type, enabled=precision == "fp16" and plan.device.type == "cuda")
+        self.scaler = torch.amp.GradScaler(plan.device.type, enabled=needs_loss_scaling(precision, plan.device))
 
     def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         x = torch.rand(size, 3, 112, 112, device=self.device) * 2 - 1

@@ -237,7 +237,7 @@ def test_precision_region_keeps_the_embedding_in_fp32(precision, dtype):
 
 
 def test_unknown_precision_is_rejected():
-    with pytest.raises(ValueError, match="precision"):
+    with pytest.raises(UserError, match="backbone.precision='fp8' is unknown"):
         create_backbone("r_tiny", precision="fp8")
 
 

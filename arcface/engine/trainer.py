@@ -23,6 +23,7 @@ from arcface.engine.stopping import StepFlags, StopRequest
 from arcface.engine.tracking import NullTracker
 from arcface.errors import UserError
 from arcface.evaluation import PairSet, evaluate
+from arcface.precision import needs_loss_scaling
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ class Trainer:
             self.model = DistributedDataParallel(backbone, device_ids=ids, broadcast_buffers=False)
             # Each rank's gradient is one term of the global loss's gradient (see sum_allreduce_hook): sum, not mean.
             self.model.register_comm_hook(None, sum_allreduce_hook)
-        use_scaler = options.precision == "fp16" and env.device.type == "cuda"
+        use_scaler = needs_loss_scaling(options.precision, env.device)
         self.scaler = torch.amp.GradScaler(env.device.type, growth_interval=100, enabled=use_scaler)
         for group in optimizer.param_groups:
             group.setdefault("initial_lr", group["lr"])

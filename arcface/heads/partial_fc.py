@@ -17,8 +17,7 @@ from arcface.distributed import all_gather, all_reduce, get_rank, get_world_size
 from arcface.errors import UserError
 from arcface.heads.sharding import positive_mask, sample_centres, shard_range
 from arcface.heads.softmax import sharded_cross_entropy
-
-_LOGITS_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+from arcface.precision import dtype_named
 
 
 class _SampledCosine(torch.autograd.Function):
@@ -78,14 +77,11 @@ class PartialFC(nn.Module):
         super().__init__()
         if not 0.0 <= rate <= 1.0:
             raise UserError(f"pfc.rate={rate} is not a fraction: set pfc.rate between 0 and 1")
-        if logits_dtype not in _LOGITS_DTYPES:
-            raise UserError(f"pfc.logits_dtype={logits_dtype!r} is unknown: set it to one of "
-                            f"{', '.join(_LOGITS_DTYPES)}")
         self.margin = margin
         self.embedding_size = embedding_size
         self.num_classes = num_classes
         self.rate = rate
-        self.logits_dtype = _LOGITS_DTYPES[logits_dtype]
+        self.logits_dtype = dtype_named(logits_dtype, "pfc.logits_dtype")
         self.sparse_update = sparse_update
         self.class_start, self.num_local = shard_range(num_classes, get_rank(), get_world_size())
         self.num_sample = int(rate * self.num_local)

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+from arcface.precision import precision_dtype
 
 
 @contextlib.contextmanager
@@ -40,9 +40,8 @@ class Backbone(nn.Module):
 
     def __init__(self, precision: str = "fp32", checkpointing: bool = False, channels_last: bool = False):
         super().__init__()
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
         self.precision = precision
+        self.trunk_dtype = precision_dtype(precision, "backbone.precision")
         self.checkpointing = checkpointing
         self.channels_last = channels_last
 
@@ -56,9 +55,10 @@ class Backbone(nn.Module):
     def trunk_autocast(self, x: torch.Tensor) -> contextlib.AbstractContextManager:
         if x.device.type == "meta":  # shape-only runs (counting MACs) have no autocast
             return contextlib.nullcontext()
-        dtype = PRECISIONS[self.precision]
         # fp32 actively disables autocast, so an outer autocast region cannot leak into the trunk.
-        return torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None)
+        if self.trunk_dtype == torch.float32:
+            return torch.autocast(x.device.type, enabled=False)
+        return torch.autocast(x.device.type, dtype=self.trunk_dtype)
 
     def run_blocks(self, blocks: Iterable[nn.Module], x: torch.Tensor) -> torch.Tensor:
         """Apply `blocks` in order; when checkpointing in training, keep only each block's input for backward."""
