@@ -33,7 +33,7 @@ from arcface.data import RecordDataset
 from arcface.data.decode import encode_jpeg
 from arcface.data.loader import build_loader
 from arcface.data.recordio import InsightFaceWriter, unpack
-from arcface.data.transforms import prepare_batch
+from arcface.data.transforms import PIXEL_MEAN, PIXEL_SCALE, prepare_batch
 
 BATCH = 128
 CPU = torch.device("cpu")
@@ -153,8 +153,8 @@ def bench_dali_reference(data: RecordDataset, epochs: int) -> float:
         jpegs, labels = fn.readers.mxnet(path=[data.reader.rec_path], index_path=[image_index(data)],
                                          random_shuffle=True, initial_fill=len(data), name="reader")
         images = fn.decoders.image(jpegs, device="cpu", output_type=types.RGB)
-        images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW", mean=[127.5] * 3,
-                                          std=[127.5] * 3, mirror=fn.random.coin_flip(probability=0.5))
+        images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW", mean=[PIXEL_MEAN] * 3,
+                                          std=[PIXEL_SCALE] * 3, mirror=fn.random.coin_flip(probability=0.5))
         return images, labels
 
     iterator = DALIGenericIterator([reference()], ["images", "labels"], reader_name="reader",

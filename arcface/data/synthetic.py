@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from arcface.data.pair_set import PairSet
+from arcface.data.transforms import PIXEL_MEAN, PIXEL_SCALE
 from arcface.errors import UserError
 
 _NUISANCE_POOL = 64
@@ -73,7 +74,7 @@ class SyntheticIdentities(Dataset):
         brightness = float(torch.empty(1).uniform_(-0.25, 0.25, generator=gen))
         image = contrast * face + self.nuisance * nuisance + brightness
         image = image + self.noise * torch.randn(image.shape, generator=gen)
-        return ((image.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        return ((image.clamp(-1, 1) + PIXEL_MEAN / PIXEL_SCALE) * PIXEL_SCALE).round().to(torch.uint8)
 
 
 def synthetic_pair_set(num_pairs: int, num_identities: int, first_identity: int, seed: int = 0,

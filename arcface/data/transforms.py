@@ -3,6 +3,11 @@ from __future__ import annotations
 
 import torch
 
+# Pixels p in 0..255 enter every model as (p - PIXEL_MEAN) / PIXEL_SCALE, in [-1, 1]: training, evaluation, the
+# synthetic data's inverse and the reference's DALI pipeline (benchmarks/data_loader.py) all use these two numbers.
+PIXEL_MEAN = 127.5
+PIXEL_SCALE = 127.5
+
 
 def prepare_batch(images: torch.Tensor, device: torch.device, flip: bool = True) -> torch.Tensor:
     """uint8 (B,3,H,W) -> contiguous float32 in [-1, 1] on `device`, each image mirrored with probability 1/2 when
@@ -17,4 +22,4 @@ def prepare_batch(images: torch.Tensor, device: torch.device, flip: bool = True)
     else:  # on CPU, copying image by image avoids two extra passes over the batch (3x faster measured)
         for i, mirror in enumerate((torch.rand(x.shape[0]) < 0.5).tolist()):
             out[i].copy_(x[i].flip(2) if mirror else x[i])
-    return out.mul_(1 / 127.5).sub_(1.0)
+    return out.mul_(1 / PIXEL_SCALE).sub_(PIXEL_MEAN / PIXEL_SCALE)

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.model_selection import KFold
 
+from arcface.data.transforms import prepare_batch
 from arcface.errors import UserError
 from arcface.evaluation.pairs import PairSet
 
@@ -63,7 +64,7 @@ def embed_pair_set(model: torch.nn.Module, pairs: PairSet, batch_size: int, devi
     total = len(pairs.images)
     progress = _Progress(name, total, progress_every_s)
     for start in range(0, total, batch_size):
-        x = pairs.images[start:start + batch_size].to(device).float().div_(127.5).sub_(1.0)
+        x = prepare_batch(pairs.images[start:start + batch_size], device, flip=False)
         plain, flipped = model(x).float().cpu(), model(torch.flip(x, dims=[3])).float().cpu()
         chunks.append(plain + flipped)
         if xnorm == "reference":
