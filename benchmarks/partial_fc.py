@@ -30,9 +30,10 @@ import psutil
 import torch
 import torch.nn as nn
 
-from arcface.distributed import all_reduce, get_rank, get_world_size, spawn_gloo
+from arcface.distributed import all_reduce, get_rank, get_world_size
 from arcface.engine.optim import build_optimizer
 from arcface.heads import CombinedMargin, PartialFC
+from arcface.testing import spawn_gloo
 
 EMBEDDING, BATCH = 512, 128
 GIB = 1024 ** 3

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from arcface.distributed import spawn_gloo
 from arcface.engine.amp import agree_on_overflow
 from arcface.engine.optim import RowSparseOptimizer
+from arcface.testing import spawn_gloo
 
 
 def _step_with_inf_on_rank_1(rank: int, world_size: int, out_dir, agree: bool) -> None:

@@ -8,10 +8,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from arcface.distributed import gather_rows, get_rank, spawn_gloo
+from arcface.distributed import gather_rows, get_rank
 from arcface.engine.optim import build_optimizer
 from arcface.errors import UserError
 from arcface.heads import CurricularFace, PartialFC, load_fc_state, save_fc_state
+from arcface.testing import spawn_gloo
 
 C, D, GLOBAL_BATCH = 1000, 16, 12  # the global batch splits evenly over 1, 2 and 3 ranks
 ADAMW = partial(torch.optim.AdamW, lr=1e-2, weight_decay=0.1)

@@ -8,9 +8,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from arcface.distributed import spawn_gloo, sum_allreduce_hook
+from arcface.distributed import sum_allreduce_hook
 from arcface.engine.optim import build_optimizer
 from arcface.heads import AdaFace, CombinedMargin, CurricularFace, PartialFC
+from arcface.testing import spawn_gloo
 
 C, D, B = 1000, 16, 8  # C is not divisible by 3: uneven shards
 MARGINS = {"arcface": CombinedMargin, "curricularface": CurricularFace, "adaface": AdaFace}

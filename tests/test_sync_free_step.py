@@ -12,10 +12,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from arcface.distributed import spawn_gloo
 from arcface.engine.optim import build_optimizer
 from arcface.heads import AdaFace, CombinedMargin, CurricularFace, PartialFC
 from arcface.heads.softmax import sharded_cross_entropy
+from arcface.testing import spawn_gloo
 
 REPO = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("host_syncs", REPO / "benchmarks" / "host_syncs.py")
