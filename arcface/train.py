@@ -94,10 +94,14 @@ def _resume_command(run_dir: Path) -> str:
                      "trainer.resume=auto"])
 
 
-def _trainer_options(cfg: DictConfig) -> TrainerOptions:
-    # A key a config leaves out keeps TrainerOptions' default, which is conf/train.yaml's.
-    keys = [f.name for f in fields(TrainerOptions) if f.name != "eval_batch_size" and f.name in cfg.trainer]
-    return TrainerOptions(eval_batch_size=cfg.trainer.batch_size, **{k: cfg.trainer[k] for k in keys})
+def trainer_options(cfg: DictConfig) -> TrainerOptions:
+    """The loop's settings: each field is the `trainer.*` key of its name, and eval_batch_size is trainer.batch_size."""
+    keys = [f.name for f in fields(TrainerOptions) if f.name != "eval_batch_size"]
+    missing = [key for key in keys if key not in cfg.trainer]
+    if missing:
+        raise UserError(f"trainer.{missing[0]} is missing from the config: keep it (conf/train.yaml sets it) "
+                        f"instead of deleting it")
+    return TrainerOptions(eval_batch_size=cfg.trainer.batch_size, **{key: cfg.trainer[key] for key in keys})
 
 
 def _cpu_precision(cfg: DictConfig, env: DistEnv) -> None:
@@ -145,7 +149,7 @@ def train(cfg: DictConfig, stop_request: StopRequest) -> str | None:
     schedule = instantiate(cfg.scheduler, warmup_steps=warmup, total_steps=total)
     tracker = instantiate(cfg.tracking) if env.is_main else NullTracker()
     trainer = Trainer(backbone, head, optimizer, loader, schedule, env=env, output_dir=output_dir,
-                      options=_trainer_options(cfg), val_sets=val_sets, tracker=tracker, stop_request=stop_request,
+                      options=trainer_options(cfg), val_sets=val_sets, tracker=tracker, stop_request=stop_request,
                       backbone_name=cfg.backbone.name)
     stop_request.on_second_signal = lambda: f"; {trainer.last_checkpoint_note()}"
     # Initialisation above is identical on every rank; augmentation must differ between ranks.

@@ -48,7 +48,7 @@ from arcface.engine.schedule import PolynomialWarmup
 from arcface.engine.trainer import Trainer
 from arcface.errors import UserError
 from arcface.evaluation import evaluate
-from arcface.train import _trainer_options
+from arcface.train import trainer_options
 from conftest import REPO
 
 CLASSES, EMBEDDING, SIDE = 10, 128, 4
@@ -126,7 +126,7 @@ def _train_losses(tmp_path, margin: str, compat: str) -> list[float]:
         head.weight.copy_(case["centres"])
     optimizer = build_optimizer(instantiate(cfg.optimizer), backbone, head)
     schedule = instantiate(cfg.scheduler, warmup_steps=WARMUP_STEPS, total_steps=STEPS)
-    options = dataclasses.replace(_trainer_options(cfg), verify_at_start=False, verify_at_end=False, save_every=0)
+    options = dataclasses.replace(trainer_options(cfg), verify_at_start=False, verify_at_end=False, save_every=0)
     losses: list[float] = []
     head.register_forward_hook(lambda module, args, loss: losses.append(loss.item()))
     Trainer(backbone, head, optimizer, _Batches(case["images"], case["labels"]), schedule, env=CPU,

@@ -14,9 +14,9 @@ from arcface.distributed import DistEnv
 from arcface.engine.training_state import read_training_state
 from arcface.engine.optim import build_optimizer
 from arcface.engine.schedule import PolynomialWarmup
-from arcface.engine.trainer import Diverged, Trainer, TrainerOptions
+from arcface.engine.trainer import Diverged, Trainer
 from arcface.heads import CombinedMargin, PartialFC
-from conftest import TINY, run_train
+from conftest import TINY, run_train, trainer_options
 
 
 class _PoisonedPartialFC(PartialFC):
@@ -40,7 +40,7 @@ def _trainer(tmp_path, policy: str, bad_calls: set[int], steps: int = 6) -> Trai
     optimizer = build_optimizer(partial(torch.optim.SGD, lr=0.1, momentum=0.9), backbone, head)
     env = DistEnv(0, 1, 0, torch.device("cpu"))
     loader = build_loader(data, 4, rank=0, world_size=1, seed=0, num_workers=0, device=env.device)
-    options = TrainerOptions(save_every=2, log_every=1, verify_at_start=False, on_nonfinite=policy)
+    options = trainer_options(save_every=2, log_every=1, verify_at_start=False, on_nonfinite=policy)
     return Trainer(backbone, head, optimizer, loader, PolynomialWarmup(0, steps), env=env, output_dir=tmp_path,
                    options=options)
 

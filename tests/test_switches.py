@@ -20,13 +20,13 @@ from arcface.data.loader import build_loader
 from arcface.distributed import DistEnv
 from arcface.engine.optim import build_optimizer
 from arcface.engine.schedule import PolynomialWarmup
-from arcface.engine.trainer import Trainer, TrainerOptions
+from arcface.engine.trainer import Trainer
 from arcface.errors import UserError
 from arcface.evaluation import evaluate
 from arcface.evaluation.selection import selected_pair_sets
 from arcface.heads import CombinedMargin, PartialFC
-from arcface.train import _count_classes, _cpu_precision, _total_steps
-from conftest import FIXTURES, REPO, run_train
+from arcface.train import _count_classes, _cpu_precision, _total_steps, trainer_options as options_from_config
+from conftest import FIXTURES, REPO, run_train, trainer_options
 
 CPU = DistEnv(0, 1, 0, torch.device("cpu"))
 
@@ -70,7 +70,7 @@ def _trainer(tmp_path, **switches) -> Trainer:
     head = PartialFC(CombinedMargin(), embedding_size=16, num_classes=8)
     optimizer = build_optimizer(partial(torch.optim.SGD, lr=0.1), backbone, head)
     loader = build_loader(data, 4, rank=0, world_size=1, seed=0, num_workers=0, device=CPU.device)
-    options = TrainerOptions(save_every=0, log_every=1, **switches)
+    options = trainer_options(save_every=0, log_every=1, **switches)
     pairs = synthetic_pair_set(10, num_identities=4, first_identity=8, image_size=16)
     return Trainer(backbone, head, optimizer, loader, PolynomialWarmup(0, 4), env=CPU, output_dir=tmp_path,
                    options=options, val_sets={"holdout": pairs})
@@ -143,3 +143,11 @@ def test_too_few_batches_gives_the_counts():
     cfg = _compose(["dataset=synthetic", "trainer.batch_size=4", "trainer.gradient_acc=16"])
     with pytest.raises(UserError, match=r"^dataset=synthetic has 48 images, which 4 rank\(s\).*3 full.*gradient_acc=16.*fewer ranks"):
         _total_steps(cfg, 48, 4, 3)
+
+
+def test_trainer_options_come_from_the_config_alone():
+    options = options_from_config(_compose(["trainer.batch_size=32", "trainer.xnorm=reference"]))
+    assert options.eval_batch_size == 32
+    assert options.xnorm == "reference"
+    with pytest.raises(UserError, match=r"^trainer.xnorm is missing from the config"):
+        options_from_config(_compose(["~trainer.xnorm"]))

@@ -33,21 +33,22 @@ ACCUMULATIONS = ("mean", "sum")
 
 @dataclass(frozen=True)
 class TrainerOptions:
-    """The loop's `trainer.*` settings; the defaults are conf/train.yaml's."""
+    """The loop's `trainer.*` settings, built from the config by `arcface.train.trainer_options`; conf/train.yaml
+    holds the only defaults (and says what each key means)."""
 
-    precision: str = "fp32"
-    gradient_acc: int = 1
-    grad_clip: float | None = 5.0  # max global norm of the backbone gradients; None: no clipping
-    log_every: int = 10
-    verify_every: int = 2000  # 0: no periodic verification
-    verify_at_start: bool = True
-    verify_at_end: bool = True
-    eval_batch_size: int = 128
-    save_every: int = 2000
-    keep_checkpoints: int = 2
-    on_nonfinite: str = "stop"  # stop: end the run at a non-finite loss; skip: drop that step's update
-    accumulate: str = "mean"  # mean: a step's gradient is the micro-batches' mean; sum: their sum (arcface_torch)
-    xnorm: str = "sum"  # XNorm of verification logs: see arcface.evaluation.verification.embed_pair_set
+    precision: str
+    gradient_acc: int
+    grad_clip: float | None  # None: no clipping
+    log_every: int
+    verify_every: int  # 0: no periodic verification
+    verify_at_start: bool
+    verify_at_end: bool
+    eval_batch_size: int  # trainer.batch_size
+    save_every: int
+    keep_checkpoints: int
+    on_nonfinite: str
+    accumulate: str
+    xnorm: str  # see arcface.evaluation.verification.embed_pair_set
 
     def __post_init__(self):
         if self.accumulate not in ACCUMULATIONS:
@@ -73,7 +74,7 @@ class Trainer:
     """Trains `backbone` + `head` for `total_steps` optimizer steps over `loader` (which yields uint8 batches)."""
 
     def __init__(self, backbone: nn.Module, head: nn.Module, optimizer, loader, schedule: PolynomialWarmup, *,
-                 env: DistEnv, output_dir: str | Path, options: TrainerOptions = TrainerOptions(),
+                 env: DistEnv, output_dir: str | Path, options: TrainerOptions,
                  val_sets: dict[str, PairSet] | None = None, tracker=None, stop_request: StopRequest | None = None,
                  backbone_name: str = ""):
         self.backbone, self.head, self.optimizer, self.loader = backbone, head, optimizer, loader
