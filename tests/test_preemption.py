@@ -136,7 +136,10 @@ def test_a_signal_to_one_rank_stops_every_rank(tmp_path):
     log = "\n".join(lines)
     # torchrun reports any non-zero exit with its own traceback; none may come from the training processes.
     assert "arcface/" not in "".join(line for line in lines if line.lstrip().startswith("File ")), log[-3000:]
-    assert log.count("exitcode  : 75") == 2, log[-3000:]
+    # Both ranks save (the save ends in a barrier) and exit 75; the one that exits second may already have been
+    # ended by torchrun, which stops the remaining workers as soon as one exits.
+    codes = re.findall(r"exitcode  : (-?\d+)", log)
+    assert "75" in codes and set(codes) <= {"75", "-15"}, log[-3000:]
     (stopped,) = [line for line in lines if line.startswith("stopped by")]
     assert stopped.startswith("stopped by a signal on another rank at step "), stopped
     step = int(re.search(r"at step (\d+)/1000", stopped).group(1))
