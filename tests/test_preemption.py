@@ -102,10 +102,11 @@ def test_signal_saves_and_resume_is_exact(tmp_path, sig):
 def test_second_signal_exits_at_once(tmp_path):
     run_dir = tmp_path / "run"
     proc = _start([*RUN, "tracking=none", "trainer.max_steps=1000", "trainer.num_epoch=200"], tmp_path, run_dir)
-    # Two different signals: Python runs a handler once per pending signal number, and in numeric order.
+    # Two different signals (two of one kind can merge into one delivery); either may be handled first.
     lines = _signal_after(proc, "step 2/1000", [signal.SIGINT, signal.SIGTERM])
-    assert proc.returncode == 128 + signal.SIGTERM, "\n".join(lines)[-3000:]
-    assert lines[-1].startswith("second SIGTERM: exiting now without saving"), lines[-5:]
+    second = signal.Signals(proc.returncode - 128)
+    assert second in (signal.SIGINT, signal.SIGTERM), "\n".join(lines)[-3000:]
+    assert lines[-1].startswith(f"second {second.name}: exiting now without saving"), lines[-5:]
     assert not (run_dir / "checkpoint.pt").exists()
 
 
