@@ -9,7 +9,10 @@ from dataclasses import dataclass
 
 from omegaconf import DictConfig, OmegaConf
 
+from arcface.engine.schedule import WARMUPS
+from arcface.engine.trainer import ACCUMULATIONS, NONFINITE_POLICIES
 from arcface.errors import UserError
+from arcface.evaluation.verification import XNORMS
 from arcface.precision import PRECISIONS
 
 
@@ -81,10 +84,10 @@ FLAGS = ("trainer.verify_at_start", "trainer.verify_at_end")  # `=no` would arri
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "trainer.precision": tuple(PRECISIONS),
-    "trainer.on_nonfinite": ("stop", "skip"),
-    "trainer.accumulate": ("mean", "sum"),
-    "trainer.xnorm": ("sum", "reference"),
-    "scheduler.warmup": ("shifted", "reference"),
+    "trainer.on_nonfinite": NONFINITE_POLICIES,
+    "trainer.accumulate": ACCUMULATIONS,
+    "trainer.xnorm": XNORMS,
+    "scheduler.warmup": WARMUPS,
 }
 
 

@@ -28,10 +28,10 @@ EXIT_STOPPED = 75
 class StopRequest:
     """Installs handlers for STOP_SIGNALS; `signal_name` is the first signal received, or None."""
 
-    def __init__(self, on_second_signal=None):
+    def __init__(self):
         self.signal_name: str | None = None
         self._pid = os.getpid()
-        self.on_second_signal = on_second_signal  # () -> text appended to the exit line
+        self.on_second_signal = None  # () -> text appended to the exit line, set once there is something to say
         self._previous = {}
 
     def __enter__(self) -> "StopRequest":

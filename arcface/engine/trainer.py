@@ -191,7 +191,7 @@ class Trainer:
         streams = gather_objects(rng.capture(self.env.device, self._generators()))
         window_sum, window_steps = self._log_window
         extra = {"rng": streams, "skipped_steps": self.skipped_steps, "log_window": (float(window_sum), window_steps),
-                 "world_size": self.env.world_size, "tracking_run_id": getattr(self.tracker, "run_id", None)}
+                 "tracking_run_id": getattr(self.tracker, "run_id", None)}
         path = save_training_state(self.output_dir, self.options.keep_checkpoints, backbone=self.backbone,
                                    head=self.head, optimizer=self.optimizer, scaler=self.scaler, step=self.step,
                                    global_batch=self.global_batch, extra=extra)
