@@ -16,9 +16,12 @@ from pathlib import Path
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from arcface.cluster import (REQUEUE_SIGNAL, register_resolvers, requeue, submitit_requeue_handler,
+                             warn_if_not_submitted)
 from arcface.compat import check_compat
 from arcface.config_checks import check_config
 from arcface.data.loader import build_loader
@@ -26,11 +29,12 @@ from arcface.distributed import DistEnv, broadcast_object, get_rank, init_distri
 from arcface.engine.training_state import CHECKPOINT_NAME, newest_readable
 from arcface.engine.optim import build_optimizer
 from arcface.engine.stopping import EXIT_STOPPED, StopRequest
-from arcface.engine.tracking import NullTracker
+from arcface.engine.tracking import NullTracker, settings
 from arcface.engine.trainer import Trainer, TrainerOptions
 from arcface.errors import UserError
 from arcface.evaluation.selection import selected_pair_sets
 from arcface.fileio import remove_stale_temporaries
+from arcface.sweep import job_tags
 
 log = logging.getLogger("arcface")
 
@@ -129,6 +133,7 @@ def train(cfg: DictConfig, stop_request: StopRequest) -> str | None:
     """Build everything and train; returns the signal that stopped the run early (state saved), or None."""
     check_config(cfg)
     check_compat(cfg)
+    warn_if_not_submitted(cfg, multirun=HydraConfig.get().mode == RunMode.MULTIRUN)
     env = init_distributed(timeout_s=cfg.trainer.dist_timeout_s)
     output_dir = Path(HydraConfig.get().runtime.output_dir)
     if env.is_main:
@@ -157,8 +162,9 @@ def train(cfg: DictConfig, stop_request: StopRequest) -> str | None:
     resume_from = _resume_path(cfg.trainer.resume, output_dir)
     if resume_from is not None:
         trainer.resume(resume_from)  # restores the random streams too, where the world size is unchanged
-    tracker.start(OmegaConf.to_container(cfg, resolve=True), run_id=trainer.tracking_run_id,
-                  tags={"backbone": cfg.backbone.name, "dataset": cfg.dataset.name, "world_size": env.world_size})
+    tracker.start(settings(cfg), run_id=trainer.tracking_run_id,
+                  tags={"backbone": cfg.backbone.name, "dataset": cfg.dataset.name, "world_size": env.world_size,
+                        **job_tags()})
     try:
         tracker.log_artifacts(output_dir / ".hydra", artifact_path="hydra")
         log.info("training %s on %s (%d images, %d classes) for %d steps on %d %s process(es); outputs in %s",
@@ -173,9 +179,14 @@ def train(cfg: DictConfig, stop_request: StopRequest) -> str | None:
         command = _resume_command(output_dir)
         tracker.set_tags({"arcface.stopped_at_step": trainer.step, "arcface.resume_command": command})
         tracker.end("KILLED")  # continued by the resumed job, which reopens this run
+        requeue_handler = submitit_requeue_handler(stop_request.previous_handler(REQUEUE_SIGNAL))
         if env.is_main:
+            then = ("SLURM requeues the job, which resumes by itself" if requeue_handler is not None
+                    else f"resume with: {command}")
             print(f"stopped by {trainer.stopped_by} at step {trainer.step}/{trainer.total_steps} with its state "
-                  f"saved in {output_dir / CHECKPOINT_NAME}; resume with: {command}", file=sys.stderr, flush=True)
+                  f"saved in {output_dir / CHECKPOINT_NAME}; {then}", file=sys.stderr, flush=True)
+        if requeue_handler is not None:
+            _requeue_or_fail(cfg, requeue_handler, tracker.run_id)
         return trainer.stopped_by
     for name, accs in results.items():
         if "final" in accs:  # trainer.verify_at_end
@@ -185,8 +196,24 @@ def train(cfg: DictConfig, stop_request: StopRequest) -> str | None:
     return None
 
 
+def _requeue_or_fail(cfg: DictConfig, handler, run_id: str | None) -> None:
+    """Hand the stop to submitit, which requeues the job (SystemExit); when it refuses (requeues used up), the
+    run's MLflow run ends FAILED with submitit's reason and the job fails with it."""
+    try:
+        requeue(handler)
+    except Exception as refusal:
+        if get_rank() == 0 and run_id is not None:
+            closing = instantiate(cfg.tracking)
+            closing.start({}, tags={"arcface.failure": str(refusal)}, run_id=run_id)
+            closing.end("FAILED")
+        raise
+
+
 # An absolute path: relative ones are read as a Python package when started through the console script.
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+register_resolvers()  # before Hydra composes: conf/train.yaml uses them
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")

@@ -43,6 +43,10 @@ class StopRequest:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
+    def previous_handler(self, sig: signal.Signals):
+        """The handler `sig` had before this object took it over (e.g. submitit's requeue handler)."""
+        return self._previous.get(sig)
+
     def _handle(self, signum: int, frame) -> None:
         if os.getpid() != self._pid:  # a forked loader worker: the main process decides for it
             return

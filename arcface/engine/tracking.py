@@ -52,6 +52,26 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
     return flat
 
 
+_REFERENCE = re.compile(r"\$\{[\w.\[\]]+\}")  # `${dataset.num_classes}`, `${..root}`: a value set elsewhere
+
+
+def settings(cfg) -> dict:
+    """The config as plain values, once per setting: a key that only repeats another (`pfc.num_classes:
+    ${dataset.num_classes}`) is left out; values computed by a resolver (`${oc.env:...}`) are kept, resolved."""
+    from omegaconf import DictConfig, OmegaConf
+
+    out = {}
+    for key in cfg:
+        if OmegaConf.is_interpolation(cfg, key) and _REFERENCE.fullmatch(str(cfg._get_node(key)._value())):
+            continue
+        value = cfg[key]
+        if isinstance(value, DictConfig):
+            out[key] = settings(value)
+        else:
+            out[key] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+    return out
+
+
 def metric_key(name: str) -> str:
     """A name MLflow accepts: `lfw/val@far` -> `lfw/val_at_far`, any other character it rejects -> `_`."""
     return _NOT_IN_NAMES.sub("_", name.replace("@", "_at_"))

@@ -1,0 +1,77 @@
+"""Where a job runs: its launch rank before any process group exists, and SLURM jobs started by submitit.
+
+Every task of a SLURM job (and every torchrun rank) runs the same Hydra job in the same output directory, so
+the config asks `launch_rank()` who writes `.hydra/` and `train.log` (rank 0; the others log to `rank<k>.log`).
+
+Under `cluster=slurm` submitit installs a SIGUSR2 handler that checkpoints the submitted call and requeues the job.
+Training takes that signal first (the state is saved at a step boundary) and then hands it to submitit's handler,
+which requeues up to `cluster.max_requeues` times; the requeued job re-runs the same Hydra job in the same
+directory and `trainer.resume=auto` continues from the checkpoint.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import sys
+
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+REQUEUE_SIGNAL = signal.SIGUSR2  # what submitit asks SLURM to send before the time limit (`--signal=USR2@...`)
+
+
+def launch_rank() -> int:
+    """This process's global rank as its launcher set it (torchrun's RANK, else SLURM's task id), 0 when alone."""
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+
+
+def _main_rank_only(value):
+    """`${arcface.rank0:X}`: X on rank 0, null on the other ranks (e.g. hydra.output_subdir: only rank 0 writes)."""
+    return value if launch_rank() == 0 else None
+
+
+def _log_name(job_name: str) -> str:
+    """`${arcface.log_name:${hydra.job.name}}`: rank 0 logs to <job>.log, rank k to rank<k>.log."""
+    rank = launch_rank()
+    return f"{job_name}.log" if rank == 0 else f"rank{rank}.log"
+
+
+def register_resolvers() -> None:
+    for name, resolver in (("arcface.rank0", _main_rank_only), ("arcface.log_name", _log_name)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, resolver)
+
+
+def warn_if_not_submitted(cfg: DictConfig, multirun: bool) -> None:
+    """`cluster=slurm` acts through the multirun launcher only: a plain run stays here, and says so."""
+    if cfg.cluster.name == "slurm" and not multirun and "SLURM_JOB_ID" not in os.environ:
+        log.warning("cluster=slurm submits jobs only in a multirun: this run trains on this machine; add -m to submit "
+                    "it to SLURM (one job per sweep point)")
+
+
+def check_slurm_launcher(config: DictConfig) -> None:
+    """A SLURM sweep on a machine without SLURM's commands stops with one sentence instead of submitit's traceback."""
+    target = OmegaConf.select(config, "hydra.launcher._target_", default="") or ""
+    if target.endswith("SlurmLauncher") and shutil.which("sbatch") is None:
+        print("error: cluster=slurm (hydra/launcher=submitit_slurm) needs SLURM's sbatch, which is not on PATH here: "
+              "run on a SLURM login node, bring a local cluster up with launchers/slurm_local_up.sh, or sweep on "
+              "this machine with hydra/launcher=submitit_local", file=sys.stderr)
+        sys.exit(2)
+
+
+def submitit_requeue_handler(previous_handler):
+    """submitit's requeue handler when it is what `previous_handler` (the SIGUSR2 handler training replaced) is."""
+    owner = getattr(previous_handler, "__self__", None)
+    if owner is None or "submitit" not in type(owner).__module__:
+        return None
+    return previous_handler
+
+
+def requeue(handler) -> None:
+    """Let submitit requeue this job: on rank 0 it checkpoints the submitted call, runs `scontrol requeue` and
+    raises SystemExit; when the requeues are used up it raises submitit's UncompletedJobError with the reason.
+    On the other ranks it does nothing (SLURM ends and restarts every task of the job)."""
+    handler(REQUEUE_SIGNAL, None)
