@@ -15,7 +15,8 @@
 # prints it. Needs `mlflow` on PATH (or this checkout's .venv).
 set -euo pipefail
 
-usage="usage: launchers/mlflow_server.sh start DIR [--host ADDR] [--port N] [--backend-store-uri URI] [--workers N] [--allowed-hosts LIST] | stop DIR"
+usage="usage: launchers/mlflow_server.sh start DIR [--host ADDR] [--port N] [--backend-store-uri URI]"
+usage+=" [--workers N] [--allowed-hosts LIST] | stop DIR"
 die() {
   echo "mlflow_server: $1" >&2
   exit "${2:-2}"
@@ -96,7 +97,8 @@ case "$host" in
   *)
     # Reachable from other machines: nobody may use it without a password.
     [ -n "${MLFLOW_AUTH_ADMIN_PASSWORD:-}" ] ||
-      die "--host $host exposes the server beyond this machine, so basic authentication is on: set MLFLOW_AUTH_ADMIN_PASSWORD (12 characters or more) for its admin user, or bind to 127.0.0.1."
+      die "--host $host exposes the server beyond this machine, so basic authentication is on: set \
+MLFLOW_AUTH_ADMIN_PASSWORD (12 characters or more) for its admin user, or bind to 127.0.0.1."
     [ "${#MLFLOW_AUTH_ADMIN_PASSWORD}" -ge 12 ] ||
       die "MLFLOW_AUTH_ADMIN_PASSWORD is shorter than the 12 characters MLflow requires; choose a longer one."
     mkdir -p "$dir/auth"
@@ -111,7 +113,8 @@ EOF
     export MLFLOW_AUTH_CONFIG_PATH=$dir/auth/basic_auth.ini
     # The auth app signs its forms with this key; kept in DIR so a restart does not invalidate them.
     if [ -z "${MLFLOW_FLASK_SERVER_SECRET_KEY:-}" ]; then
-      [ -s "$dir/auth/flask_secret" ] || (umask 077 && od -An -tx1 -N32 /dev/urandom | tr -d ' \n' >"$dir/auth/flask_secret")
+      [ -s "$dir/auth/flask_secret" ] ||
+        (umask 077 && od -An -tx1 -N32 /dev/urandom | tr -d ' \n' >"$dir/auth/flask_secret")
       MLFLOW_FLASK_SERVER_SECRET_KEY=$(cat "$dir/auth/flask_secret")
       export MLFLOW_FLASK_SERVER_SECRET_KEY
     fi
@@ -158,7 +161,8 @@ for ((i = 0; i < wait_s * 2; i++)); do
   health 2>/dev/null && break
   sleep 0.5
 done
-health 2>/dev/null || die "no OK from $uri/health after ${wait_s}s; see $log (stop it with: launchers/mlflow_server.sh stop $dir)." 1
+health 2>/dev/null ||
+  die "no OK from $uri/health after ${wait_s}s; see $log (stop it: launchers/mlflow_server.sh stop $dir)." 1
 echo "$uri" >"$dir/uri.tmp" && mv -f "$dir/uri.tmp" "$dir/uri"
 echo "mlflow_server: serving $backend at $uri (artifacts in $dir/artifacts, log $log)." >&2
 echo "export MLFLOW_TRACKING_URI=$uri"

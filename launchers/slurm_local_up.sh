@@ -23,7 +23,7 @@ die() { # die STATUS MESSAGE: one line on stderr
 }
 
 [[ "$dir" =~ ^[A-Za-z0-9_./+-]+$ ]] ||
-  die 1 "state directory '$dir' may hold only letters, digits and ._+-/ (it goes into slurm.conf and PATH); pick another."
+  die 1 "state directory '$dir' may hold only letters, digits and ._+-/ (it goes into slurm.conf and PATH)."
 [ "$(id -u)" = 0 ] || die 3 "needs root (it installs packages and runs slurmctld/slurmd as root); rerun as root."
 
 conf=$dir/etc/slurm.conf
@@ -38,10 +38,12 @@ for exe in /usr/sbin/slurmctld /usr/sbin/slurmd /usr/sbin/munged /usr/bin/sbatch
   [ -x "$exe" ] || missing=1
 done
 if [ "$missing" = 1 ]; then
-  command -v apt-get >/dev/null || die 3 "SLURM is not installed and there is no apt-get to install it (Debian/Ubuntu only)."
+  command -v apt-get >/dev/null || die 3 "SLURM is not installed and there is no apt-get to install it."
   apt_log=$dir/log/apt.log
   echo "slurm_local_up: installing ${packages[*]} (log: $apt_log)" >&2
-  apt_install() { DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${packages[@]}" >>"$apt_log" 2>&1; }
+  apt_install() {
+    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${packages[@]}" >>"$apt_log" 2>&1
+  }
   # The package lists are refreshed only when installing from the present ones fails (absent or stale lists).
   apt_install || { apt-get update >>"$apt_log" 2>&1 && apt_install; } ||
     die 3 "could not install ${packages[*]} with apt-get; see $apt_log."
@@ -129,7 +131,7 @@ for ((i = 0; i < wait_s; i++)); do
 done
 case "$state" in
   idle | mixed | allocated) ;;
-  *) die 1 "node $host is '${state:-not listed}' after ${wait_s}s, not idle; see $dir/log/slurmctld.log and $dir/log/slurmd.log." ;;
+  *) die 1 "node $host is '${state:-not listed}' after ${wait_s}s, not idle; see $dir/log/slurm*.log." ;;
 esac
 
 printf 'export SLURM_CONF=%s\nexport PATH=%s/bin:$PATH\n' "$conf" "$dir" >"$dir/env.sh.tmp"

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from cluster import mlflow_server, slurm_cluster  # noqa: F401  (fixtures: a real SLURM, a real MLflow server)
 from hydra import compose, initialize_config_dir
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,0 +1,170 @@
+"""The launchers the cluster workflow stands on: the local SLURM of launchers/slurm_local_up.sh (jobs, arrays,
+requeues, and the sacct stand-in that submitit polls) and the MLflow server of launchers/mlflow_server.sh."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import cloudpickle
+import pytest
+import submitit
+from cluster import LAUNCHERS, free_loopback_port
+from submitit.slurm.slurm import SlurmInfoWatcher
+
+# Guards against a hang, not performance bounds: jobs here take a second or two.
+DEADLINE_S = 120
+
+
+def sacct_states(env: dict[str, str], *job_ids: str) -> dict[str, dict[str, str]]:
+    """What submitit learns about `job_ids`: its own sacct query, parsed by its own reader."""
+    query = ["sacct", "-o", "JobID,State,NodeList", "--parsable2"] + [arg for j in job_ids for arg in ("-j", j)]
+    return SlurmInfoWatcher().read_info(subprocess.run(query, env=env, capture_output=True, text=True,
+                                                       check=True).stdout)
+
+
+def submitit_done(info: dict[str, dict[str, str]], key: str) -> bool:
+    """Whether submitit stops waiting for `key` given this sacct answer (its own list of unfinished states)."""
+    watcher = SlurmInfoWatcher()
+    watcher._info_dict = info
+    return watcher.is_done(key, mode="cache")
+
+
+def wait_until_done(env: dict[str, str], job_id: str, *keys: str) -> dict[str, dict[str, str]]:
+    """Poll the stand-in until every one of `keys` (default: the job itself) is in a final state."""
+    keys = keys or (job_id,)
+    deadline = time.monotonic() + DEADLINE_S
+    while True:
+        info = sacct_states(env, job_id)
+        if all(key in info and submitit_done(info, key) for key in keys):
+            return info
+        assert time.monotonic() < deadline, f"job {job_id} not done after {DEADLINE_S}s: {info}"
+        time.sleep(0.5)
+
+
+def sbatch(env: dict[str, str], cwd, *args: str) -> str:
+    return subprocess.run(["sbatch", "--parsable", *args], env=env, cwd=cwd, capture_output=True, text=True,
+                          check=True).stdout.strip().split(";")[0]
+
+
+@pytest.mark.cluster
+def test_sbatch_jobs_and_arrays_reach_final_states_through_sacct(slurm_cluster, tmp_path):
+    env = slurm_cluster.env
+    ok = sbatch(env, tmp_path, "--output=ok.out", "--wrap", "echo ran on $SLURMD_NODENAME")
+    failing = sbatch(env, tmp_path, "--output=/dev/null", "--wrap", "exit 3")
+    # %1: one task at a time, so the not-yet-started remainder is listed as ID_[1-2%1] meanwhile.
+    array = sbatch(env, tmp_path, "--array=0-2%1", "--output=array_%a.out", "--wrap", "echo $SLURM_ARRAY_TASK_ID")
+
+    assert wait_until_done(env, ok)[ok] == {"JobID": ok, "State": "COMPLETED", "NodeList": slurm_cluster.node}
+    assert (tmp_path / "ok.out").read_text() == f"ran on {slurm_cluster.node}\n"
+    assert wait_until_done(env, failing)[failing]["State"] == "FAILED"
+    tasks = [f"{array}_{i}" for i in range(3)]
+    info = wait_until_done(env, array, *tasks)
+    assert {task: info[task]["State"] for task in tasks} == dict.fromkeys(tasks, "COMPLETED")
+    assert [(tmp_path / f"array_{i}.out").read_text() for i in range(3)] == ["0\n", "1\n", "2\n"]
+
+
+@pytest.mark.cluster
+def test_a_requeued_job_reads_unfinished_until_its_second_run_completes(slurm_cluster, tmp_path):
+    env = slurm_cluster.env
+    started = tmp_path / "started"
+    # The first run waits to be requeued; the second (SLURM_RESTART_COUNT=1) finishes at once.
+    script = f'[ "${{SLURM_RESTART_COUNT:-0}}" = 0 ] && touch {started} && exec sleep 600; echo "$SLURM_RESTART_COUNT"'
+    job = sbatch(env, tmp_path, "--output=job.out", "--wrap", script)
+    deadline = time.monotonic() + DEADLINE_S
+    while not started.exists():
+        assert time.monotonic() < deadline, f"job {job} did not start: {sacct_states(env, job)}"
+        time.sleep(0.2)
+
+    subprocess.run(["scontrol", "requeue", job], env=env, check=True)
+    # The first run ends (COMPLETING), then the job waits to run again (PENDING): unfinished all along.
+    while (info := sacct_states(env, job))[job]["State"] != "PENDING":
+        assert info[job]["State"] == "COMPLETING" and not submitit_done(info, job), info
+        assert time.monotonic() < deadline, f"job {job} not pending again after requeue: {info}"
+        time.sleep(0.2)
+    assert not submitit_done(info, job)
+    # A requeued job may start again only after a delay (cred_expire); lift it instead of waiting.
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, check=True)
+    assert wait_until_done(env, job)[job]["State"] == "COMPLETED"
+    assert (tmp_path / "job.out").read_text().splitlines()[-1] == "1"
+
+
+def task_identity() -> tuple[int, int, str]:
+    env = submitit.JobEnvironment()
+    return env.global_rank, env.num_tasks, os.environ["SLURM_JOB_ID"]
+
+
+@pytest.mark.cluster
+def test_submitit_job_with_two_tasks_returns_both_results(slurm_cluster, tmp_path):
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the job's Python cannot import this test file
+    try:
+        executor = submitit.AutoExecutor(folder=tmp_path / "submitit", cluster="slurm")
+        executor.update_parameters(slurm_partition="debug", nodes=1, tasks_per_node=2, cpus_per_task=1,
+                                   timeout_min=5)
+        job = executor.submit(task_identity)
+        assert job.results() == [(0, 2, job.job_id), (1, 2, job.job_id)]
+        # The tasks write their results before the job ends: wait for SLURM's last word as submitit reads it.
+        assert wait_until_done(slurm_cluster.env, job.job_id)[job.job_id]["State"] == "COMPLETED"
+    finally:
+        cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+
+
+@pytest.mark.cluster
+def test_mlflow_server_keeps_a_run_metric_and_served_artifact(mlflow_server, tmp_path):
+    from mlflow.tracking import MlflowClient  # imported here: `import mlflow` takes seconds
+
+    with urllib.request.urlopen(f"{mlflow_server}/health", timeout=30) as reply:
+        assert reply.read() == b"OK"
+    client = MlflowClient(tracking_uri=mlflow_server)
+    run = client.create_run(client.create_experiment("launchers"))
+    for step, loss in enumerate([2.5, 1.25]):
+        client.log_metric(run.info.run_id, "loss", loss, step=step)
+    (tmp_path / "notes.txt").write_text("served\n")
+    client.log_artifact(run.info.run_id, str(tmp_path / "notes.txt"))
+    client.set_terminated(run.info.run_id)
+
+    assert run.info.artifact_uri.startswith("mlflow-artifacts:")  # uploaded through the server, not a local path
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss")] == [(0, 2.5), (1, 1.25)]
+    assert client.get_run(run.info.run_id).info.status == "FINISHED"
+    fetched = client.download_artifacts(run.info.run_id, "notes.txt", str(tmp_path / "fetched"))
+    assert open(fetched).read() == "served\n"
+
+
+@pytest.mark.parametrize("password", [None, "short"])
+def test_mlflow_server_off_loopback_refuses_to_start_without_a_valid_admin_password(tmp_path, password):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_AUTH_")}
+    if password:
+        env["MLFLOW_AUTH_ADMIN_PASSWORD"] = password
+    start = subprocess.run(["bash", str(LAUNCHERS / "mlflow_server.sh"), "start", str(tmp_path), "--host", "0.0.0.0"],
+                           env=env, capture_output=True, text=True, timeout=60)
+    assert start.returncode == 2
+    assert "MLFLOW_AUTH_ADMIN_PASSWORD" in start.stderr and start.stdout == ""
+    assert not (tmp_path / "server.pgid").exists()
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+def test_mlflow_server_off_loopback_turns_basic_authentication_on(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    password = "correct-horse-battery"
+    env = {**os.environ, "MLFLOW_AUTH_ADMIN_PASSWORD": password,
+           "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}"}
+    script = str(LAUNCHERS / "mlflow_server.sh")
+    start = subprocess.run(["bash", script, "start", str(tmp_path), "--host", "0.0.0.0", "--port",
+                            str(free_loopback_port())], env=env, capture_output=True, text=True, timeout=180)
+    try:
+        assert start.returncode == 0, start.stderr
+        uri = start.stdout.strip().rpartition("=")[2]
+        search = f"{uri}/api/2.0/mlflow/experiments/search?max_results=1"
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(search, timeout=30)
+        assert refused.value.code == 401
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
+        assert [e.name for e in MlflowClient(tracking_uri=uri).search_experiments()] == ["Default"]
+    finally:
+        subprocess.run(["bash", script, "stop", str(tmp_path)], check=True, timeout=60)
