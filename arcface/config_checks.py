@@ -80,7 +80,8 @@ RULES: dict[str, Range] = {
     "margin.interclass_filtering_threshold": FRACTION,
 }
 
-FLAGS = ("trainer.verify_at_start", "trainer.verify_at_end")  # `=no` would arrive as a string, which is truthy
+# `=no` would arrive as a string, which is truthy
+FLAGS = ("trainer.verify_at_start", "trainer.verify_at_end", "trainer.export_onnx")
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "trainer.precision": tuple(PRECISIONS),

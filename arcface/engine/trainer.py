@@ -23,6 +23,7 @@ from arcface.engine.stopping import StepFlags, StopRequest
 from arcface.engine.tracking import NullTracker
 from arcface.errors import UserError
 from arcface.evaluation import PairSet, evaluate
+from arcface.export import export_after_training
 from arcface.precision import needs_loss_scaling
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ class TrainerOptions:
     verify_every: int  # 0: no periodic verification
     verify_at_start: bool
     verify_at_end: bool
+    export_onnx: bool  # write onnx/model.onnx beside model.pt at the end
     eval_batch_size: int  # trainer.batch_size
     save_every: int
     keep_checkpoints: int
@@ -158,6 +160,8 @@ class Trainer:
         if self.env.is_main:
             path = save_backbone(self.backbone, self.output_dir / "model.pt")
             log.info("saved backbone weights to %s", path)
+            if self.options.export_onnx:
+                export_after_training(self.backbone, self.backbone_name, self.output_dir, self.tracker)
         barrier()
         return self.results
 
