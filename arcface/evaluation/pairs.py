@@ -35,8 +35,8 @@ def load_pair_set(path: str) -> PairSet:
     """Read an InsightFace `.bin` pair set: pickle of (2N JPEG byte strings, N issame bools)."""
     file = Path(path)
     if not file.is_file():
-        raise UserError(f"verification pair set {file} does not exist: put the .bin beside train.rec, "
-                        f"or train without pair sets with dataset.val=null")
+        raise UserError(f"verification pair set {file} does not exist: check the path (training reads the .bin "
+                        f"beside train.rec, and trains without pair sets with dataset.val=null)")
     blobs, issame = _read_pickle(file)
     if len(issame) < 10:
         raise UserError(f"{file} holds {len(issame)} pairs, fewer than the 10 folds of the protocol; re-download it")
