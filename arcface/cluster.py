@@ -10,6 +10,7 @@ directory and `trainer.resume=auto` continues from the checkpoint.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -39,8 +40,17 @@ def _log_name(job_name: str) -> str:
     return f"{job_name}.log" if rank == 0 else f"rank{rank}.log"
 
 
+def _short_dirname(text: str, limit: int = 120) -> str:
+    """`${arcface.short:${hydra.job.override_dirname}}`: a sweep job's directory name stays far below the file
+    system's 255-byte limit; a longer override list keeps its start and a hash of the whole."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit - 9]}-{hashlib.sha1(text.encode()).hexdigest()[:8]}"
+
+
 def register_resolvers() -> None:
-    for name, resolver in (("arcface.rank0", _main_rank_only), ("arcface.log_name", _log_name)):
+    for name, resolver in (("arcface.rank0", _main_rank_only), ("arcface.log_name", _log_name),
+                           ("arcface.short", _short_dirname)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, resolver)
 

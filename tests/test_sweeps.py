@@ -47,6 +47,17 @@ def test_only_rank_zero_writes_hydra_files(monkeypatch, env, subdir, log_name):
     assert cfg.hydra.job_logging.handlers.file.filename == "/run/" + log_name.format(job=cfg.hydra.job.name)
 
 
+def test_sweep_job_dirs_stay_short():
+    many = [f"dataset.val.synthetic_holdout.num_pairs={n}" for n in (40, 80)]
+    cfg = _compose(["tracking.uri=http://127.0.0.1:5000", *TINY, many[0]], hydra=True)
+    OmegaConf.update(cfg, "hydra.job.num", 7)
+    OmegaConf.update(cfg, "hydra.job.override_dirname", ",".join(TINY + many))
+    name = cfg.hydra.sweep.subdir
+    assert name.startswith("7_dataset.num_classes=16") and len(name) <= 122
+    OmegaConf.update(cfg, "hydra.job.override_dirname", ",".join(TINY + many[1:]))
+    assert cfg.hydra.sweep.subdir != name  # the hash tells apart lists that share their start
+
+
 def test_slurm_settings_reach_the_launcher():
     cfg = _compose(["cluster=slurm", "cluster.nodes=2", "cluster.gpus_per_node=0", "cluster.tasks_per_node=2",
                     "cluster.max_requeues=5", "cluster.partition=gpu", "+cluster.sbatch.mail-type=END"], hydra=True)

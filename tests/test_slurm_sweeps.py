@@ -1,0 +1,154 @@
+"""Sweeps through a real SLURM (launchers/slurm_local_up.sh) into a real MLflow server: jobs of 2 gloo ranks with
+Partial FC sharded over both, requeue after SLURM's warning signal, and the MLflow UI showing the sweep."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY
+
+pytestmark = pytest.mark.cluster
+
+# Every job: 2 tasks (ranks) on the one CPU node, one CPU each; two jobs share the node.
+JOB = ["-m", "cluster=slurm", "cluster.gpus_per_node=0", "cluster.tasks_per_node=2", "cluster.cpus_per_task=1",
+       "cluster.timeout_min=10", "trainer.verify_at_start=false", "trainer.verify_at_end=false"]
+
+
+def _sweep(tmp_path: Path, uri: str, *overrides: str) -> list[str]:
+    keys = {o.split("=")[0] for o in overrides}
+    tiny = [o for o in TINY if o.split("=")[0] not in keys]
+    return [sys.executable, "-m", "arcface.train", *JOB, f"hydra.sweep.dir={tmp_path / 'sweep'}",
+            f"tracking.uri={uri}", f"tracking.experiment_name={tmp_path.name}", *tiny, *overrides]
+
+
+def _runs(uri: str, experiment_name: str):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    experiment_id = client.get_experiment_by_name(experiment_name).experiment_id
+    runs = client.search_runs([experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = {r.info.run_name: r for r in runs if "mlflow.parentRunId" in r.data.tags}
+    return client, experiment_id, parents, children
+
+
+def _job_dirs(sweep: Path) -> list[Path]:
+    return sorted((p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: p.name)
+
+
+def test_sweep_of_two_rank_jobs_logs_to_a_server(slurm_cluster, mlflow_server, tmp_path):
+    done = subprocess.run(_sweep(tmp_path, mlflow_server, "pfc.rate=0.5,1.0"), cwd=tmp_path, capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    client, experiment_id, parents, children = _runs(mlflow_server, tmp_path.name)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert parents[0].data.tags["arcface.launcher"] == "SlurmLauncher"
+    assert sorted(children) == ["synthetic_r_tiny_pfc0.5", "synthetic_r_tiny_pfc1.0"]
+    for run in children.values():
+        tags, params = run.data.tags, run.data.params
+        assert run.info.status == "FINISHED"
+        assert tags["world_size"] == "2" and tags["hydra.choice.cluster"] == "slurm"
+        assert re.fullmatch(r"\d+_[01]", tags["slurm.job_id"])  # a task of the sweep's job array
+        assert params["cluster.tasks_per_node"] == "2" and params["trainer.resume"] == "auto"
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
+        assert sorted(steps) == [1, 2, 3]  # trainer.max_steps=3, trainer.log_every=1
+    for job in _job_dirs(tmp_path / "sweep"):  # rank 0 writes the shared files, rank 1 only its own log
+        assert (job / ".hydra" / "config.yaml").is_file() and (job / "checkpoint.pt").is_file()
+        assert "step 3/3" in (job / "train.log").read_text()
+        assert (job / "rank1.log").is_file() and "step 3/3" not in (job / "rank1.log").read_text()
+    _check_ui(mlflow_server, experiment_id, [r.info.run_id for r in children.values()], list(children), tmp_path)
+
+
+def _check_ui(uri: str, experiment_id: str, run_ids: list[str], names: list[str], tmp_path: Path) -> None:
+    """Headless Chromium renders the runs table (child names in the page) and the comparison view (screenshot)."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("chromium is not installed (make test-cluster installs it)")
+    table = f"{uri}/#/experiments/{experiment_id}/runs?orderByKey=tags.%60mlflow.runName%60&orderByAsc=true"
+    dom = _chromium(browser, table, "--dump-dom")
+    assert all(name in dom for name in names), dom[-2000:]
+    compare = (f"{uri}/#/compare-runs?runs={urllib.parse.quote(json.dumps(run_ids))}"
+               f"&experiments={urllib.parse.quote(json.dumps([experiment_id]))}")
+    shot = Path(os.environ.get("ARCFACE_TEST_ARTIFACTS", tmp_path)) / "mlflow_sweep_compare.png"
+    shot.parent.mkdir(parents=True, exist_ok=True)
+    _chromium(browser, compare, f"--screenshot={shot}")
+    assert shot.stat().st_size > 10_000, "the comparison view rendered an empty page"
+    print(f"MLflow comparison view of the sweep: {shot}")
+
+
+def _chromium(browser: str, url: str, action: str) -> str:
+    with tempfile.TemporaryDirectory() as profile:  # a fresh profile: the UI keeps view state in localStorage
+        done = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                               "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                               f"--user-data-dir={profile}", "--window-size=1600,1000",
+                               "--virtual-time-budget=15000", action, url],
+                              capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def _wait_for(predicate, timeout_s: float, what: str, driver: subprocess.Popen, output: Path) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if driver.poll() is not None:
+            pytest.fail(f"the sweep ended before {what}:\n{output.read_text()[-4000:]}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"no {what} within {timeout_s:.0f} s")
+        time.sleep(1)
+
+
+def test_signalled_job_is_requeued_and_continues_until_requeues_run_out(slurm_cluster, mlflow_server, tmp_path):
+    """Point 0 may be requeued once: it resumes from its checkpoint in the same directory and the same MLflow run.
+    Point 1 may not (max_requeues=0): it ends FAILED in MLflow with submitit's reason."""
+    total = 150
+    cmd = _sweep(tmp_path, mlflow_server, f"trainer.max_steps={total}", "trainer.save_every=0",
+                 "cluster.max_requeues=1,0")
+    output = tmp_path / "driver.log"
+    with output.open("w") as sink:
+        driver = subprocess.Popen(cmd, cwd=tmp_path, stdout=sink, stderr=subprocess.STDOUT)
+    try:
+        sweep = tmp_path / "sweep"
+
+        def both_training() -> bool:
+            logs = [job / "train.log" for job in _job_dirs(sweep)] if sweep.is_dir() else []
+            return len(logs) == 2 and all(log.is_file() and re.search(r"step \d+/", log.read_text()) for log in logs)
+
+        _wait_for(both_training, 600, "training steps in both jobs", driver, output)
+        array = {p.name.split("_")[0] for p in (sweep / ".submitit").iterdir() if "_" in p.name}
+        assert len(array) == 1
+        subprocess.run(["scancel", "--signal=USR2", array.pop()], check=True, timeout=30)
+        driver.wait(timeout=900)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert driver.returncode != 0, output.read_text()[-4000:]  # point 1 failed: the sweep reports a failure
+    requeued, exhausted = _job_dirs(sweep)
+    log = (requeued / "train.log").read_text()
+    stopped_at = int(re.search(r"saved training state at step (\d+)", log).group(1))
+    assert 0 < stopped_at < total
+    assert f"at step {stopped_at}/{total}" in log.split("resumed from")[1]  # the requeued job continued from there
+    assert f"step {total}/{total}" in log
+    _, _, parents, children = _runs(mlflow_server, tmp_path.name)
+    assert len(parents) == 1 and parents[0].info.status == "FAILED"
+    by_dir = {run.data.tags["hydra.overrides"]: run for run in children.values()}
+    assert len(by_dir) == 2  # one MLflow run per job, the requeued job's included
+    continued = next(run for key, run in by_dir.items() if "cluster.max_requeues=1" in key)
+    failed = next(run for key, run in by_dir.items() if "cluster.max_requeues=0" in key)
+    assert continued.info.status == "FINISHED"
+    from mlflow import MlflowClient
+
+    steps = [m.step for m in MlflowClient(mlflow_server).get_metric_history(continued.info.run_id, "loss")]
+    assert sorted(steps) == list(range(1, total + 1))  # each step once, across the requeue
+    assert failed.info.status == "FAILED"
+    assert "timed-out too many times" in failed.data.tags["arcface.failure"]
+    assert "saved training state" in (exhausted / "train.log").read_text()
