@@ -9,8 +9,8 @@
 # It binds to 127.0.0.1 (port 5000) unless --host says otherwise. Bound to any other address it turns on MLflow's
 # basic authentication (--app-name basic-auth): the admin user (MLFLOW_AUTH_ADMIN_USERNAME, default admin) is
 # created on the first start with the password in MLFLOW_AUTH_ADMIN_PASSWORD (12 characters or more; MLflow has no
-# default), and clients log in with MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD. The users live in
-# DIR/auth/basic_auth.db.
+# default; later starts do not need it), and clients log in with MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD.
+# The users live in DIR/auth/basic_auth.db.
 # `start` prints `export MLFLOW_TRACKING_URI=...` once /health answers; starting a running server again just
 # prints it. Needs `mlflow` on PATH (or this checkout's .venv).
 set -euo pipefail
@@ -95,12 +95,15 @@ case "$host" in
     [ "$host" = ::1 ] && uri_host="[::1]"
     ;;
   *)
-    # Reachable from other machines: nobody may use it without a password.
-    [ -n "${MLFLOW_AUTH_ADMIN_PASSWORD:-}" ] ||
-      die "--host $host exposes the server beyond this machine, so basic authentication is on: set \
+    # Reachable from other machines: nobody may use it without a password. The admin user is created on the
+    # first start; later starts find it in DIR/auth/basic_auth.db.
+    if [ ! -s "$dir/auth/basic_auth.db" ]; then
+      [ -n "${MLFLOW_AUTH_ADMIN_PASSWORD:-}" ] ||
+        die "--host $host exposes the server beyond this machine, so basic authentication is on: set \
 MLFLOW_AUTH_ADMIN_PASSWORD (12 characters or more) for its admin user, or bind to 127.0.0.1."
-    [ "${#MLFLOW_AUTH_ADMIN_PASSWORD}" -ge 12 ] ||
-      die "MLFLOW_AUTH_ADMIN_PASSWORD is shorter than the 12 characters MLflow requires; choose a longer one."
+      [ "${#MLFLOW_AUTH_ADMIN_PASSWORD}" -ge 12 ] ||
+        die "MLFLOW_AUTH_ADMIN_PASSWORD is shorter than the 12 characters MLflow requires; choose a longer one."
+    fi
     mkdir -p "$dir/auth"
     chmod 0700 "$dir/auth"
     cat >"$dir/auth/basic_auth.ini" <<EOF

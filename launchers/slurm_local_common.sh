@@ -9,12 +9,16 @@ slurm_state_dir() {
   esac
 }
 
-# alive PIDFILE NAME: the pid file names a running process called NAME (a stale file, a reused pid or a zombie
-# waiting to be reaped does not count).
+# is_running PID NAME: process PID runs and is called NAME (not a reused pid, not a zombie waiting to be reaped).
+is_running() {
+  local stat
+  stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+  [[ "$stat" == "$1 ($2) "[!Z]* ]] # /proc/PID/stat: "PID (NAME) STATE ..."
+}
+
+# alive PIDFILE NAME: the pid file names a running process called NAME.
 alive() {
-  local pid stat
+  local pid
   pid=$(cat "$1" 2>/dev/null) || return 1
-  [[ "$pid" =~ ^[0-9]+$ ]] || return 1
-  stat=$(cat "/proc/$pid/stat" 2>/dev/null) || return 1
-  [[ "$stat" == "$pid ($2) "[!Z]* ]] # /proc/PID/stat: "PID (NAME) STATE ..."
+  [[ "$pid" =~ ^[0-9]+$ ]] && is_running "$pid" "$2"
 }

@@ -21,14 +21,15 @@ if [ ! -f "$conf" ] || ! grep -q '^# Written by launchers/slurm_local_up.sh' "$c
   exit 0
 fi
 
-# stop PIDFILE NAME: SIGTERM, up to 20 s to exit, then SIGKILL.
+# stop PIDFILE NAME: SIGTERM, up to 20 s to exit, then SIGKILL. The pid is read once: a daemon may remove its
+# pid file before it has exited.
 stop() {
   local pid
-  alive "$1" "$2" || return 0
-  pid=$(cat "$1")
+  pid=$(cat "$1" 2>/dev/null) || return 0
+  [[ "$pid" =~ ^[0-9]+$ ]] && is_running "$pid" "$2" || return 0
   kill -TERM "$pid" 2>/dev/null || return 0
   for ((i = 0; i < 40; i++)); do
-    alive "$1" "$2" || return 0
+    is_running "$pid" "$2" || return 0
     sleep 0.5
   done
   echo "slurm_local_down: $2 (pid $pid) ignored SIGTERM for 20 s; killing it." >&2

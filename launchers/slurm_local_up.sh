@@ -101,6 +101,8 @@ JobCompType=jobcomp/filetxt
 JobCompLoc=$dir/log/jobcomp.log
 MinJobAge=3600
 SchedulerType=sched/backfill
+# A batch job is scheduled when it is submitted, not up to 3 s later (the default suits high submission rates).
+SchedulerParameters=batch_sched_delay=0
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 ReturnToService=2
