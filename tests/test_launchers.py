@@ -2,6 +2,7 @@
 requeues, and the sacct stand-in that submitit polls) and the MLflow server of launchers/mlflow_server.sh."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -48,6 +49,32 @@ def wait_until_done(env: dict[str, str], job_id: str, *keys: str) -> dict[str, d
 def sbatch(env: dict[str, str], cwd, *args: str) -> str:
     return subprocess.run(["sbatch", "--parsable", *args], env=env, cwd=cwd, capture_output=True, text=True,
                           check=True).stdout.strip().split(";")[0]
+
+
+def load_standin():
+    spec = importlib.util.spec_from_file_location("sacct_standin", LAUNCHERS / "sacct_standin.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sacct_standin_writes_scontrol_records_the_way_submitit_reads_them():
+    standin = load_standin()
+    # Lines of `scontrol show job -o` (SLURM 22.05), shortened: a job whose name has spaces, a started array task,
+    # and the not-yet-started remainder of that array (2 at a time).
+    lines = [
+        "JobId=7 JobName=two words UserId=root(0) JobState=PENDING Reason=BeginTime Dependency=(null) NodeList=(null)",
+        "JobId=9 ArrayJobId=8 ArrayTaskId=0 ArrayTaskThrottle=2 JobName=wrap JobState=RUNNING Reason=None NodeList=vm",
+        "JobId=8 ArrayJobId=8 ArrayTaskId=1-3%2 ArrayTaskThrottle=2 JobName=wrap JobState=PENDING NodeList=",
+    ]
+    records = [standin.parse_record(line) for line in lines]
+    assert records[0]["JobName"] == "two words" and records[0]["Dependency"] == "(null)"
+    fields = ["JobID", "State", "NodeList"]
+    text = "\n".join(["|".join(fields)] + ["|".join(standin.cell(r, f) for f in fields) for r in records])
+    assert text.splitlines()[1:] == ["7|PENDING|None assigned", "8_0|RUNNING|vm", "8_[1-3%2]|PENDING|None assigned"]
+    info = SlurmInfoWatcher().read_info(text)
+    assert {key: value["State"] for key, value in info.items()} == {
+        "7": "PENDING", "8_0": "RUNNING", "8_1": "PENDING", "8_2": "PENDING", "8_3": "PENDING"}
 
 
 @pytest.mark.cluster
