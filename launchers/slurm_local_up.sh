@@ -110,8 +110,10 @@ $node_line NodeAddr=127.0.0.1 State=UNKNOWN
 # FORCE:2 lets two jobs share each CPU, so two small jobs run side by side on a 2-CPU machine.
 PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:2
 EOF
+chmod 0644 "$tmp_conf"
+changed=0
+cmp -s "$tmp_conf" "$conf" || changed=1
 mv -f "$tmp_conf" "$conf"
-chmod 0644 "$conf"
 
 # The stand-in is copied, not linked: the cluster keeps working if this checkout moves.
 install -m 0755 "$here/sacct_standin.py" "$dir/bin/sacct"
@@ -119,6 +121,9 @@ install -m 0755 "$here/sacct_standin.py" "$dir/bin/sacct"
 # --- daemons ------------------------------------------------------------------------------------------------------
 if ! alive "$dir/run/slurmctld.pid" slurmctld; then
   /usr/sbin/slurmctld -f "$conf" -i || die 1 "slurmctld did not start; see $dir/log/slurmctld.log."
+elif [ "$changed" = 1 ]; then
+  # Running daemons read slurm.conf only when told to (a newer version of this script wrote a different one).
+  scontrol reconfigure || die 1 "scontrol reconfigure failed for the new $conf; see $dir/log/slurmctld.log."
 fi
 if ! alive "$dir/run/slurmd.pid" slurmd; then
   /usr/sbin/slurmd -f "$conf" || die 1 "slurmd did not start; see $dir/log/slurmd.log."
