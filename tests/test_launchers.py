@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -135,6 +136,30 @@ def test_submitit_job_with_two_tasks_returns_both_results(slurm_cluster, tmp_pat
         assert job.results() == [(0, 2, job.job_id), (1, 2, job.job_id)]
         # The tasks write their results before the job ends: wait for SLURM's last word as submitit reads it.
         assert wait_until_done(slurm_cluster.env, job.job_id)[job.job_id]["State"] == "COMPLETED"
+    finally:
+        cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+
+
+def die_without_a_result() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+@pytest.mark.cluster
+def test_submitit_driver_learns_that_a_task_died_without_a_result(slurm_cluster, tmp_path):
+    """The case that hangs a driver without accounting: no result file, so only sacct can say the job is over."""
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    try:
+        executor = submitit.AutoExecutor(folder=tmp_path / "submitit", cluster="slurm")
+        executor.update_parameters(slurm_partition="debug", timeout_min=5)
+        job = executor.submit(die_without_a_result)
+        job._results_timeout_s = 0  # local disk: no network file system to give the result file time to appear
+        deadline = time.monotonic() + DEADLINE_S
+        while not job.done():
+            assert time.monotonic() < deadline, f"submitit still waits for job {job.job_id}: {job.state}"
+            time.sleep(0.5)
+        assert job.state == "FAILED"
+        with pytest.raises(submitit.core.utils.UncompletedJobError, match="has not produced any output"):
+            job.result()
     finally:
         cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
 
