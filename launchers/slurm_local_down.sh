@@ -37,11 +37,13 @@ stop() {
 }
 
 if alive "$dir/run/slurmctld.pid" slurmctld && alive "$dir/run/slurmd.pid" slurmd; then
-  # Cancelled jobs get SIGTERM, then SIGKILL after KillWait (30 s); wait for them so that no job process
-  # outlives its slurmd.
+  # Running jobs are killed at once (a plain cancel sends SIGTERM, which submitit's tasks ignore, and SIGKILL only
+  # KillWait = 30 s later), queued ones cancelled; then wait for them all so that no job process outlives slurmd.
   jobs=$(squeue -h -o %A 2>/dev/null || true)
   if [ -n "$jobs" ]; then
     # shellcheck disable=SC2086  # one argument per job id
+    scancel --full --signal=KILL $jobs 2>/dev/null || true
+    # shellcheck disable=SC2086
     scancel $jobs 2>/dev/null || true
     for ((i = 0; i < 45; i++)); do
       [ -z "$(squeue -h -o %A 2>/dev/null)" ] && break
