@@ -115,8 +115,12 @@ changed=0
 cmp -s "$tmp_conf" "$conf" || changed=1
 mv -f "$tmp_conf" "$conf"
 
-# The stand-in is copied, not linked: the cluster keeps working if this checkout moves.
-install -m 0755 "$here/sacct_standin.py" "$dir/bin/sacct"
+# The stand-in is copied, not linked: the cluster keeps working if this checkout moves. Replaced by a rename, so
+# that a caller never finds it missing.
+if ! cmp -s "$here/sacct_standin.py" "$dir/bin/sacct"; then
+  install -m 0755 "$here/sacct_standin.py" "$dir/bin/.sacct.tmp"
+  mv -f "$dir/bin/.sacct.tmp" "$dir/bin/sacct"
+fi
 
 # --- daemons ------------------------------------------------------------------------------------------------------
 if ! alive "$dir/run/slurmctld.pid" slurmctld; then
@@ -130,16 +134,18 @@ if ! alive "$dir/run/slurmd.pid" slurmd; then
 fi
 
 # Up = the node answers (no '*' suffix) and is idle, or busy with jobs of an earlier bring-up.
+up_states="idle mixed allocated completing"
 state=""
 for ((i = 0; i < wait_s; i++)); do
   state=$(sinfo -h -n "$host" -o %T 2>/dev/null || true)
-  case "$state" in idle | mixed | allocated) break ;; esac
+  [[ " $up_states " == *" $state "* ]] && break
   sleep 1
 done
-case "$state" in
-  idle | mixed | allocated) ;;
-  *) die 1 "node $host is '${state:-not listed}' after ${wait_s}s, not idle; see $dir/log/slurm*.log." ;;
-esac
+if [[ " $up_states " != *" $state "* ]]; then
+  reason=$(sinfo -h -n "$host" -o %E 2>/dev/null || true)
+  die 1 "node $host is '${state:-not listed}' (${reason:-no reason given}) after ${wait_s}s, not idle; \
+see $dir/log/slurm*.log."
+fi
 
 printf 'export SLURM_CONF=%s\nexport PATH=%s/bin:$PATH\n' "$conf" "$dir" >"$dir/env.sh.tmp"
 mv -f "$dir/env.sh.tmp" "$dir/env.sh"
