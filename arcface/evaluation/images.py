@@ -59,7 +59,7 @@ class FaceImages(Dataset):
         except (OSError, ValueError) as e:
             return torch.zeros(3, CROP, CROP, dtype=torch.uint8), f"{path}: {e}"
         crop = align_face(image, self.landmarks[index]) if self.landmarks is not None else fit(image, CROP, CROP)
-        return torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1), ""
+        return torch.from_numpy(np.require(crop, requirements="CW")).permute(2, 0, 1), ""
 
 
 @torch.no_grad()
