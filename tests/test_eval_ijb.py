@@ -20,7 +20,7 @@ from arcface.data.transforms import prepare_batch
 from arcface.engine.training_state import save_backbone
 from arcface.evaluation import evaluate, load_pair_set
 from arcface.evaluation.alignment import TEMPLATE, align_face, similarity_transform
-from arcface.evaluation.ijb import template_features
+from arcface.evaluation.ijb import score_pairs, template_features
 from arcface.models import create_backbone
 
 _spec = importlib.util.spec_from_file_location("eval_tool", REPO / "tools" / "eval.py")
@@ -139,6 +139,17 @@ def test_template_pooling_averages_media_then_sums():
     ids, pooled = template_features(np.array([[1.0, 0], [0, 1.0], [0, 1.0]]), np.array([1, 1, 1]),
                                     np.array([1, 2, 2]))
     np.testing.assert_allclose(pooled, [[2 ** -0.5, 2 ** -0.5]], atol=1e-7)  # media 2's two images count once
+
+
+def test_pair_scores_are_the_same_in_any_tiling():
+    rng = np.random.default_rng(3)
+    ids = np.sort(rng.choice(10_000, size=50, replace=False))
+    features = rng.standard_normal((50, 16)).astype(np.float32)
+    pairs = ids[rng.integers(0, 50, size=(700, 2))]
+    expected = np.einsum("ij,ij->i", features[np.searchsorted(ids, pairs[:, 0])],
+                         features[np.searchsorted(ids, pairs[:, 1])])
+    for block_bytes in (1, 7 * 50 * 4, 1 << 20):  # one row per tile, 7 rows, everything at once
+        np.testing.assert_allclose(score_pairs(ids, features, pairs, block_bytes=block_bytes), expected, atol=1e-5)
 
 
 def test_similarity_transform_recovers_rotation_scale_and_shift():

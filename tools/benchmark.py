@@ -5,6 +5,7 @@
     python tools/benchmark.py backbones r50 --device cuda --precision bf16
     python tools/benchmark.py data_loader --images 2000
     python tools/benchmark.py partial_fc --classes 100000 --name quick
+    python tools/benchmark.py evaluation --pairs 1000000 --name quick
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ SUITES = {  # name: (module, one line)
     "backbones": ("benchmarks.backbones", "backbone train/eval images/s and memory, with/without checkpointing"),
     "data_loader": ("benchmarks.data_loader", "decode + augment throughput of the data paths on the CPU"),
     "partial_fc": ("benchmarks.partial_fc", "Partial FC step time and memory vs classes, sparse vs dense (CPU)"),
+    "evaluation": ("benchmarks.evaluation", "10-fold pair-set scores; IJB-C-sized pooling, pair scores, ROC (CPU)"),
 }
 
 
