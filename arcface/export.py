@@ -30,7 +30,7 @@ from arcface.models.base import Backbone
 log = logging.getLogger(__name__)
 
 # 17: the first opset with LayerNormalization as one op (ViTs export without decomposing it); onnxruntime runs it
-# from 1.11 on, and every later onnxruntime runs older opsets.
+# from 1.12 on, and every later onnxruntime runs older opsets.
 OPSET = 17
 INPUT_NAME, OUTPUT_NAME = "input", "embedding"
 SIZE = 112

@@ -10,8 +10,8 @@ by `verification_scores` (one binning of the distances, cumulative counts per fo
 IJB: IJB-C's sizes (469,375 images in 23,124 templates of several media, 15,658,489 template pairs of which 19,557
 genuine) with random 512-d features: media averaging and template pooling (`template_features`), the tiled
 scores (`score_pairs`, at two tile sizes) with the extra memory they take beside gathering two rows per pair, the
-ROC with TAR at every FAR and AUC, and reading the pair file (`np.loadtxt`, written here first). Times are the median of --repeat runs; CPU seconds
-beside wall seconds, since a shared machine stretches wall time.
+ROC with TAR at every FAR and AUC, and reading the pair file (`np.loadtxt`, written here first). Times are the
+median of --repeat runs; CPU seconds beside wall seconds, since a shared machine stretches wall time.
 """
 from __future__ import annotations
 

@@ -48,7 +48,8 @@ def _network(model_file: Path) -> torch.nn.Module:
 def _make_ijb(root: Path) -> list[dict]:
     """An IJBC folder: IDENTITIES x TEMPLATES_EACH templates of two media (the second with one or two images),
     each face (its identity's pattern plus noise) pasted whole at a random place of a larger noisy picture (saved
-    losslessly), its landmarks the template points moved there. Returns each image's truth: template, media, face crop and detector score."""
+    losslessly), its landmarks the template points moved there. Returns each image's truth: template, media,
+    face crop and detector score."""
     rng = np.random.default_rng(0)
     synthetic = SyntheticIdentities(num_classes=IDENTITIES, images_per_class=1, seed=5)
     identities = [synthetic.render(i, 0).permute(1, 2, 0).numpy().astype(np.int16) for i in range(IDENTITIES)]

@@ -53,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="IJB image-loading processes")
     run.add_argument("--output", metavar="DIR", help="where results go (default: eval/ beside the weights)")
     run.add_argument("--run-id", help="an MLflow run to add the results to (e.g. the training run)")
-    run.add_argument("--tracking-uri", help="the MLflow store of --run-id (default: sqlite mlflow.db in this directory)")
+    run.add_argument("--tracking-uri", help="the MLflow store of --run-id (default: mlflow.db in this directory)")
     return parser
 
 
