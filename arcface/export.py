@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 # 17: the first opset with LayerNormalization as one op (ViTs export without decomposing it); onnxruntime runs it
 # from 1.12 on, and every later onnxruntime runs older opsets.
 OPSET = 17
+OPSETS = range(11, 21)  # what the TorchScript exporter writes (to 20) with every op the backbones use (from 11)
 INPUT_NAME, OUTPUT_NAME = "input", "embedding"
 SIZE = 112
 PARITY_LIMIT = 1e-4
@@ -104,7 +105,7 @@ def _random_batch(count: int) -> torch.Tensor:
     return torch.rand(count, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0)) * 2 - 1
 
 
-def _onnx_bytes(model: nn.Module, opset: int) -> bytes:
+def _onnx_bytes(model: nn.Module, opset: int, backbone: str) -> bytes:
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         # The TorchScript exporter announces its deprecation and flags Python-side shape arithmetic; the parity
@@ -112,9 +113,13 @@ def _onnx_bytes(model: nn.Module, opset: int) -> bytes:
         warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
         warnings.filterwarnings("ignore", category=DeprecationWarning)
-        torch.onnx.export(model, (_random_batch(1),), buffer, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}, opset_version=opset,
-                          do_constant_folding=True, dynamo=False)
+        try:
+            torch.onnx.export(model, (_random_batch(1),), buffer, input_names=[INPUT_NAME],
+                              output_names=[OUTPUT_NAME], opset_version=opset, do_constant_folding=True,
+                              dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}, dynamo=False)
+        except Exception as e:  # the exporter raises many types (an op without ONNX form, an opset it lacks, ...)
+            raise UserError(f"backbone {backbone} cannot be exported to ONNX opset {opset} ({_first_line(e)}): "
+                            f"try another --opset") from None
     return buffer.getvalue()
 
 
@@ -136,11 +141,10 @@ def _with_metadata(data: bytes, backbone: str) -> tuple[bytes, int]:
     return proto.SerializeToString(), embedding_size
 
 
-def cpu_session(model_bytes: bytes, threads: int = 0):
+def cpu_session(model_bytes: bytes):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
     options.log_severity_level = 3  # errors only
     return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
 
@@ -217,12 +221,15 @@ def export_onnx(model: nn.Module, path: str | Path, *, backbone: str, opset: int
                 latency_runs: int = 20) -> ExportReport:
     """Export `model` to `path` and check it. A graph that does not match PyTorch (beyond PARITY_LIMIT) is a
     UserError and nothing is written; a file that breaks an MFR rule is written, and the report says which."""
+    if opset not in OPSETS:
+        raise UserError(f"--opset {opset} is outside {OPSETS.start}..{OPSETS.stop - 1}, the opsets the exporter "
+                        f"writes: choose one of them (default {OPSET})")
     model = fp32_copy(model)
     weight_bytes = sum(t.numel() * 4 for t in model.state_dict().values())
     if weight_bytes > PROTOBUF_MAX_BYTES:
         raise UserError(f"backbone {backbone} holds {weight_bytes / 1e9:.2f} GB of fp32 weights, more than the 2 GB "
                         f"one self-contained ONNX file can hold: export a smaller backbone")
-    data, embedding_size = _with_metadata(_onnx_bytes(model, opset), backbone)
+    data, embedding_size = _with_metadata(_onnx_bytes(model, opset, backbone), backbone)
     session = cpu_session(data)
     diffs = parity(model, session)
     worst = max(diffs, key=diffs.get)
