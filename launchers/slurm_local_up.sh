@@ -102,8 +102,8 @@ JobCompLoc=$dir/log/jobcomp.log
 MinJobAge=3600
 SchedulerType=sched/backfill
 # A batch job is scheduled when it is submitted, not up to 3 s later (the default suits high submission rates),
-# and waiting jobs (a requeued one whose delay has passed) are looked at every 5 s, not every 30 s.
-SchedulerParameters=batch_sched_delay=0,bf_interval=5
+# and waiting jobs (a requeued one whose delay has passed) are looked at every 5 s, not every 30 to 60 s.
+SchedulerParameters=batch_sched_delay=0,sched_interval=5,bf_interval=5
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 ReturnToService=2
