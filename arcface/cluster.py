@@ -62,14 +62,27 @@ def warn_if_not_submitted(cfg: DictConfig, multirun: bool) -> None:
                     "it to SLURM (one job per sweep point)")
 
 
-def check_slurm_launcher(config: DictConfig) -> None:
-    """A SLURM sweep on a machine without SLURM's commands stops with one sentence instead of submitit's traceback."""
+def check_sweep(config: DictConfig) -> None:
+    """Sweeps that cannot do what they say stop with one sentence (exit 2) before anything is submitted: a SLURM
+    sweep where SLURM's commands are missing, and a sweep over cluster.* values, which the one launcher of a sweep
+    would silently apply to no job."""
     target = OmegaConf.select(config, "hydra.launcher._target_", default="") or ""
     if target.endswith("SlurmLauncher") and shutil.which("sbatch") is None:
-        print("error: cluster=slurm (hydra/launcher=submitit_slurm) needs SLURM's sbatch, which is not on PATH here: "
-              "run on a SLURM login node, bring a local cluster up with launchers/slurm_local_up.sh, or sweep on "
-              "this machine with hydra/launcher=submitit_local", file=sys.stderr)
-        sys.exit(2)
+        _stop("cluster=slurm (hydra/launcher=submitit_slurm) needs SLURM's sbatch, which is not on PATH here: run on a "
+              "SLURM login node, bring a local cluster up with launchers/slurm_local_up.sh, or sweep on this machine "
+              "with hydra/launcher=submitit_local")
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    for override in OverridesParser.create().parse_overrides(list(config.hydra.overrides.task)):
+        key = override.get_key_element()
+        if override.is_sweep_override() and key.startswith(("cluster.", "hydra.launcher.")):
+            _stop(f"{override.input_line} sweeps a launcher setting, but one sweep has one launcher and every job "
+                  f"would get the same {key}: run one sweep per value")
+
+
+def _stop(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 def submitit_requeue_handler(previous_handler):

@@ -17,7 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from arcface.cluster import check_slurm_launcher
+from arcface.cluster import check_sweep
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ class SweepRuns(Callback):
         self._ended = False
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        check_slurm_launcher(config)
+        check_sweep(config)
         HydraConfig.instance().set_config(config)  # the tracking uri may read ${hydra:runtime.cwd}
         tracking = config.tracking
         if OmegaConf.select(tracking, "_target_") != _MLFLOW_TRACKER:

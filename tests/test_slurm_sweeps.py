@@ -107,48 +107,50 @@ def _wait_for(predicate, timeout_s: float, what: str, driver: subprocess.Popen, 
         time.sleep(1)
 
 
-def test_signalled_job_is_requeued_and_continues_until_requeues_run_out(slurm_cluster, mlflow_server, tmp_path):
-    """Point 0 may be requeued once: it resumes from its checkpoint in the same directory and the same MLflow run.
-    Point 1 may not (max_requeues=0): it ends FAILED in MLflow with submitit's reason."""
-    total = 150
-    cmd = _sweep(tmp_path, mlflow_server, f"trainer.max_steps={total}", "trainer.save_every=0",
-                 "cluster.max_requeues=1,0")
+def test_signalled_jobs_are_requeued_and_continue_until_requeues_run_out(slurm_cluster, mlflow_server, tmp_path):
+    """cluster.max_requeues=1: both jobs are signalled and requeued once, resume from their checkpoints in the same
+    directories and MLflow runs; job 0 then finishes, job 1 is signalled again and ends FAILED with the reason."""
+    total = 200  # job 0's steps; job 1 would run far longer, it ends on its second signal
+    cmd = _sweep(tmp_path, mlflow_server, "trainer.max_steps=200,100000", "trainer.num_epoch=100000",
+                 "trainer.save_every=0", "cluster.max_requeues=1")
     output = tmp_path / "driver.log"
+    sweep = tmp_path / "sweep"
     with output.open("w") as sink:
         driver = subprocess.Popen(cmd, cwd=tmp_path, stdout=sink, stderr=subprocess.STDOUT)
     try:
-        sweep = tmp_path / "sweep"
+        def logs() -> list[str]:
+            files = [job / "train.log" for job in _job_dirs(sweep)] if sweep.is_dir() else []
+            return [f.read_text() if f.is_file() else "" for f in files]
 
-        def both_training() -> bool:
-            logs = [job / "train.log" for job in _job_dirs(sweep)] if sweep.is_dir() else []
-            return len(logs) == 2 and all(log.is_file() and re.search(r"step \d+/", log.read_text()) for log in logs)
+        def stepping(text: str) -> bool:
+            return re.search(r"step \d+/", text.split("resumed from")[-1]) is not None
 
-        _wait_for(both_training, 600, "training steps in both jobs", driver, output)
-        array = {p.name.split("_")[0] for p in (sweep / ".submitit").iterdir() if "_" in p.name}
-        assert len(array) == 1
-        subprocess.run(["scancel", "--signal=USR2", array.pop()], check=True, timeout=30)
+        _wait_for(lambda: len(logs()) == 2 and all(map(stepping, logs())), 600, "steps in both jobs", driver, output)
+        array = {p.name.split("_")[0] for p in (sweep / ".submitit").iterdir() if re.fullmatch(r"\d+_\d+", p.name)}
+        assert len(array) == 1  # the sweep is one job array
+        array = array.pop()
+        subprocess.run(["scancel", "--signal=USR2", array], check=True, timeout=30)
+        _wait_for(lambda: "resumed from" in logs()[1] and stepping(logs()[1]), 600, "job 1 resumed", driver, output)
+        subprocess.run(["scancel", "--signal=USR2", f"{array}_1"], check=True, timeout=30)
         driver.wait(timeout=900)
     finally:
         if driver.poll() is None:
             driver.kill()
-    assert driver.returncode != 0, output.read_text()[-4000:]  # point 1 failed: the sweep reports a failure
-    requeued, exhausted = _job_dirs(sweep)
-    log = (requeued / "train.log").read_text()
+            subprocess.run(["scancel", "--name=train"], timeout=30)  # leave no job behind on the shared cluster
+    assert driver.returncode != 0, output.read_text()[-4000:]  # job 1 failed: the sweep reports a failure
+    finished, failed = (job / "train.log" for job in _job_dirs(sweep))
+    log = finished.read_text()
     stopped_at = int(re.search(r"saved training state at step (\d+)", log).group(1))
     assert 0 < stopped_at < total
     assert f"at step {stopped_at}/{total}" in log.split("resumed from")[1]  # the requeued job continued from there
     assert f"step {total}/{total}" in log
-    _, _, parents, children = _runs(mlflow_server, tmp_path.name)
+    assert "timed-out too many times" in failed.read_text()
+    client, _, parents, children = _runs(mlflow_server, tmp_path.name)
     assert len(parents) == 1 and parents[0].info.status == "FAILED"
-    by_dir = {run.data.tags["hydra.overrides"]: run for run in children.values()}
-    assert len(by_dir) == 2  # one MLflow run per job, the requeued job's included
-    continued = next(run for key, run in by_dir.items() if "cluster.max_requeues=1" in key)
-    failed = next(run for key, run in by_dir.items() if "cluster.max_requeues=0" in key)
-    assert continued.info.status == "FINISHED"
-    from mlflow import MlflowClient
-
-    steps = [m.step for m in MlflowClient(mlflow_server).get_metric_history(continued.info.run_id, "loss")]
+    assert len(children) == 2  # one MLflow run per job, across its requeue
+    by_steps = {run.data.params["trainer.max_steps"]: run for run in children.values()}
+    assert by_steps[str(total)].info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(by_steps[str(total)].info.run_id, "loss")]
     assert sorted(steps) == list(range(1, total + 1))  # each step once, across the requeue
-    assert failed.info.status == "FAILED"
-    assert "timed-out too many times" in failed.data.tags["arcface.failure"]
-    assert "saved training state" in (exhausted / "train.log").read_text()
+    assert by_steps["100000"].info.status == "FAILED"
+    assert "timed-out too many times" in by_steps["100000"].data.tags["arcface.failure"]

@@ -11,7 +11,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from arcface.cluster import check_slurm_launcher, register_resolvers, warn_if_not_submitted
+from arcface.cluster import check_sweep, register_resolvers, warn_if_not_submitted
 from arcface.engine.tracking import flatten, settings
 from conftest import REPO, TINY
 
@@ -82,10 +82,19 @@ def test_slurm_without_multirun_says_it_trains_here(monkeypatch, caplog):
 def test_slurm_sweep_without_slurm_is_one_sentence(monkeypatch, capsys, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch here
     with pytest.raises(SystemExit) as exit_:
-        check_slurm_launcher(_compose(["cluster=slurm"], hydra=True))
+        check_sweep(_compose(["cluster=slurm"], hydra=True))
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: cluster=slurm") and "launchers/slurm_local_up.sh" in err and "\n" not in err
+
+
+def test_sweeping_a_launcher_setting_is_one_sentence(capsys):
+    cfg = _compose(["cluster=slurm"], hydra=True)
+    OmegaConf.update(cfg, "hydra.overrides.task", ["cluster=slurm", "cluster.nodes=1,2"])
+    with pytest.raises(SystemExit) as exit_:
+        check_sweep(cfg)
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.startswith("error: cluster.nodes=1,2 sweeps a launcher setting")
 
 
 @pytest.mark.cluster
