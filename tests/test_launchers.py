@@ -109,9 +109,9 @@ def test_a_requeued_job_reads_unfinished_until_its_second_run_completes(slurm_cl
         time.sleep(0.2)
 
     subprocess.run(["scontrol", "requeue", job], env=env, check=True)
-    # The first run ends (COMPLETING), then the job waits to run again (PENDING): unfinished all along.
+    # The first run ends (COMPLETING or REQUEUED), then the job waits to run again (PENDING): unfinished all along.
     while (info := sacct_states(env, job))[job]["State"] != "PENDING":
-        assert info[job]["State"] == "COMPLETING" and not submitit_done(info, job), info
+        assert info[job]["State"] in ("COMPLETING", "REQUEUED") and not submitit_done(info, job), info
         assert time.monotonic() < deadline, f"job {job} not pending again after requeue: {info}"
         time.sleep(0.2)
     assert not submitit_done(info, job)
