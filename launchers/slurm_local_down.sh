@@ -37,14 +37,17 @@ stop() {
 }
 
 if alive "$dir/run/slurmctld.pid" slurmctld && alive "$dir/run/slurmd.pid" slurmd; then
-  # Running jobs are killed at once (a plain cancel sends SIGTERM, which submitit's tasks ignore, and SIGKILL only
-  # KillWait = 30 s later), queued ones cancelled; then wait for them all so that no job process outlives slurmd.
+  # Cancelled jobs get SIGTERM and SIGKILL only KillWait (30 s) later, and submitit's tasks ignore SIGTERM: after
+  # the cancel, the processes SLURM lists for each job are killed at once. Then wait until no job is left, so that
+  # no job process outlives slurmd.
   jobs=$(squeue -h -o %A 2>/dev/null || true)
   if [ -n "$jobs" ]; then
     # shellcheck disable=SC2086  # one argument per job id
-    scancel --full --signal=KILL $jobs 2>/dev/null || true
-    # shellcheck disable=SC2086
     scancel $jobs 2>/dev/null || true
+    for job in $jobs; do
+      scontrol listpids "$job" 2>/dev/null | awk 'NR > 1 && $1 ~ /^[0-9]+$/ {print $1}' |
+        xargs -r kill -KILL 2>/dev/null || true
+    done
     for ((i = 0; i < 45; i++)); do
       [ -z "$(squeue -h -o %A 2>/dev/null)" ] && break
       sleep 1
