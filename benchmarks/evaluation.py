@@ -220,7 +220,7 @@ def markdown(result: dict, command: str) -> str:
             f"| TAR at 6 FARs + AUC from the ROC | {j['tar_auc_s']:.3f} | | |",
             f"| reading the pair file ({j['pair_file_mib']:.0f} MiB, np.loadtxt) | {j['read_pairs_s']:.2f} | "
             f"{j['read_pairs_cpu_s']:.2f} | |",
-            "", f"The scores themselves take {j['scores_mib']:.0f} MiB; the extra memory of scoring is that, three "
+            "", f"The scores themselves take {j['scores_mib']:.0f} MiB; the extra memory of scoring is that, two "
                 "int32 indices per pair and one tile of the template similarity matrix.", "",
             f"Per million pairs: tiles {j['score_s_per_million']:.2f} s wall ({j['score_cpu_s_per_million']:.2f} "
             f"CPU s); gathering both feature rows per pair instead (measured on the first million pairs) "

@@ -42,8 +42,8 @@ def _trained_looking(name: str, **kwargs) -> torch.nn.Module:
 def test_onnxruntime_matches_pytorch_at_any_batch_size(name, tmp_path):
     model = _trained_looking(name)
     path = tmp_path / f"{name}.onnx"
-    report = export_onnx(model, path, backbone=name, latency_runs=1)
-    assert report.passed and max(report.parity.values()) <= PARITY_LIMIT
+    report = export_onnx(model, path, backbone=name, mfr=False)  # the MFR checks are tested below
+    assert max(report.parity.values()) <= PARITY_LIMIT
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     for batch in (1, 7):
         x = face_batch(batch)

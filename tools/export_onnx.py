@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--embedding-size", type=int, default=512, help="the embedding size trained (default 512)")
     parser.add_argument("--opset", type=int, default=OPSET, help=f"ONNX opset (default {OPSET})")
     parser.add_argument("--latency-runs", type=int, default=20, help="timed batch-1 runs for the CPU latency")
+    parser.add_argument("--no-mfr-checks", action="store_true", help="check parity with PyTorch only")
     parser.add_argument("--run-id", help="an MLflow run to log the model to (e.g. the training run)")
     parser.add_argument("--tracking-uri", default=None,
                         help="the MLflow store of --run-id (default: sqlite mlflow.db in this directory)")
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model = load_backbone(args.backbone, args.weights, args.embedding_size)
         report = export_onnx(model, args.output, backbone=args.backbone, opset=args.opset,
-                             latency_runs=max(1, args.latency_runs))
+                             mfr=not args.no_mfr_checks, latency_runs=max(1, args.latency_runs))
         print(report.text())
         if args.run_id:
             uri = args.tracking_uri or default_tracking_uri()
