@@ -193,6 +193,7 @@ def score_pairs(template_ids: np.ndarray, features: np.ndarray, pairs: np.ndarra
         at_row = torch.from_numpy(first[members] - top).to(device, torch.long)
         at_column = torch.from_numpy(second[members]).to(device, torch.long)
         scores[members] = similarities[at_row, at_column].cpu().numpy()
+        del similarities  # before the next tile is allocated: one tile at a time
     return scores
 
 
