@@ -94,6 +94,7 @@ def _numbers(file: Path, rows: list[list[str]], columns: slice, dtype) -> np.nda
 
 
 def read_pairs(file: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(int64 (P, 2) template ids, int8 (P,) labels) of a `template_pair_label` file, checked."""
     if not file.is_file():
         raise UserError(f"{file} does not exist: the {file.parent.parent.name} release folder needs it beside the "
                         f"other meta files")
