@@ -1,6 +1,8 @@
 """MobileFaceNet (`mbf`, `mbf_large`), with the reference's module names so its checkpoints load."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 
@@ -105,7 +107,15 @@ class MobileFaceNet(Backbone):
         self.conv_sep = ConvBN(c2, 512)
         self.features = GDC(embedding_size, dropout)
         for m in self.modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
+            if isinstance(m, nn.Conv2d):
+                # He init over the fan-out of one group. torch's fan counts every output channel, so a depthwise
+                # conv (one channel per group) would start sqrt(groups) times too small. Batch statistics hide that
+                # in training, but BatchNorm's running variance starts at 1: in eval mode each such layer would
+                # shrink the signal ~20x, and until the running statistics caught up (tens of steps) every
+                # embedding would be the same constant, the running means carried through the network.
+                fan_out = m.out_channels // m.groups * m.kernel_size[0] * m.kernel_size[1]
+                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
+            elif isinstance(m, nn.Linear):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
         self.finish_init()
 
