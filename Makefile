@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: install train test test-all clean
+.PHONY: install train test test-cluster test-all clean
 
 install: $(INSTALLED)
 
@@ -20,9 +20,17 @@ $(INSTALLED): pyproject.toml
 train: $(INSTALLED)
 	$(BIN)/arcface-train $(ARGS)
 
-## The whole suite CI runs (tests marked slow excluded; `make test-all` includes them).
+## The fast suite (tests marked slow or cluster excluded; `make test-all` runs everything).
 test: $(INSTALLED)
-	$(BIN)/python -m pytest -m "not slow" $(ARGS)
+	$(BIN)/python -m pytest -m "not slow and not cluster" $(ARGS)
+
+## Sweeps against real services: a one-node SLURM (launchers/slurm_local_up.sh; root, Debian's packages), MLflow
+## servers, submitit, and headless Chromium for the MLflow UI. Without root or apt the SLURM tests skip and say why.
+test-cluster: $(INSTALLED)
+	command -v chromium >/dev/null || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null || \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
+	$(BIN)/python -m pytest -m cluster $(ARGS)
 
 test-all: $(INSTALLED)
 	$(BIN)/python -m pytest $(ARGS)
