@@ -20,15 +20,15 @@ from conftest import TINY
 pytestmark = pytest.mark.cluster
 
 # Every job: 2 tasks (ranks) on the one CPU node, one CPU each; two jobs share the node.
-JOB = ["-m", "cluster=slurm", "cluster.gpus_per_node=0", "cluster.tasks_per_node=2", "cluster.cpus_per_task=1",
+JOB = ["cluster=slurm", "cluster.gpus_per_node=0", "cluster.tasks_per_node=2", "cluster.cpus_per_task=1",
        "cluster.timeout_min=10", "trainer.verify_at_start=false", "trainer.verify_at_end=false"]
 
 
 def _sweep(tmp_path: Path, uri: str, *overrides: str) -> list[str]:
     keys = {o.split("=")[0] for o in overrides}
-    tiny = [o for o in TINY if o.split("=")[0] not in keys]
-    return [sys.executable, "-m", "arcface.train", *JOB, f"hydra.sweep.dir={tmp_path / 'sweep'}",
-            f"tracking.uri={uri}", f"tracking.experiment_name={tmp_path.name}", *tiny, *overrides]
+    base = [o for o in JOB + TINY if o.split("=")[0] not in keys]
+    return [sys.executable, "-m", "arcface.train", "-m", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+            f"tracking.uri={uri}", f"tracking.experiment_name={tmp_path.name}", *base, *overrides]
 
 
 def _runs(uri: str, experiment_name: str):
@@ -110,8 +110,9 @@ def _wait_for(predicate, timeout_s: float, what: str, driver: subprocess.Popen, 
 def test_signalled_jobs_are_requeued_and_continue_until_requeues_run_out(slurm_cluster, mlflow_server, tmp_path):
     """cluster.max_requeues=1: both jobs are signalled and requeued once, resume from their checkpoints in the same
     directories and MLflow runs; job 0 then finishes, job 1 is signalled again and ends FAILED with the reason."""
-    total = 200  # job 0's steps; job 1 would run far longer, it ends on its second signal
-    cmd = _sweep(tmp_path, mlflow_server, "trainer.max_steps=200,100000", "trainer.num_epoch=100000",
+    total = 30  # job 0's steps; job 1 would run far longer, it ends on its second signal
+    # cluster.timeout_min=10 (in JOB): submitit counts a signal as a time limit, not a preemption, in jobs this short.
+    cmd = _sweep(tmp_path, mlflow_server, f"trainer.max_steps={total},100000", "trainer.num_epoch=100000",
                  "trainer.save_every=0", "cluster.max_requeues=1")
     output = tmp_path / "driver.log"
     sweep = tmp_path / "sweep"
@@ -123,7 +124,7 @@ def test_signalled_jobs_are_requeued_and_continue_until_requeues_run_out(slurm_c
             return [f.read_text() if f.is_file() else "" for f in files]
 
         def stepping(text: str) -> bool:
-            return re.search(r"step \d+/", text.split("resumed from")[-1]) is not None
+            return re.search(r"step \d+/\d+  epoch", text.split("resumed from")[-1]) is not None
 
         _wait_for(lambda: len(logs()) == 2 and all(map(stepping, logs())), 600, "steps in both jobs", driver, output)
         array = {p.name.split("_")[0] for p in (sweep / ".submitit").iterdir() if re.fullmatch(r"\d+_\d+", p.name)}
