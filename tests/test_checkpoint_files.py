@@ -14,7 +14,7 @@ from arcface.engine.training_state import newest_readable, read_training_state, 
 from arcface.engine.optim import build_optimizer
 from arcface.errors import UserError
 from arcface.heads import CombinedMargin, PartialFC
-from conftest import TINY, run_train
+from conftest import TINY, copy_run, train_here
 
 
 def _save(run_dir, step: int, keep: int):
@@ -77,12 +77,21 @@ def test_a_crafted_checkpoint_runs_nothing(tmp_path):
     assert not marker.exists()
 
 
-def test_resume_auto_skips_a_corrupt_newest_checkpoint(tmp_path):
-    first = run_train([*TINY, "tracking=none", "trainer.max_steps=4", "trainer.save_every=2"], tmp_path)
-    assert first.returncode == 0, first.stderr[-3000:]
-    newest = tmp_path / "run" / "checkpoint.pt"
+def test_files_that_are_no_checkpoint_name_the_file_and_the_key(tmp_path):
+    missing = tmp_path / "nope.pt"
+    with pytest.raises(UserError, match=rf"^checkpoint {missing} does not exist: pass trainer.resume="):
+        read_training_state(missing)
+    text = tmp_path / "conftest.py"
+    text.write_text("not a checkpoint")
+    with pytest.raises(UserError, match=rf"^{text} cannot be read as a checkpoint .*trainer.resume"):
+        read_training_state(text)
+
+
+def test_resume_auto_skips_a_corrupt_newest_checkpoint(finished_run, tmp_path):
+    newest = copy_run(finished_run, tmp_path) / "run" / "checkpoint.pt"
     newest.write_bytes(b"")
-    again = run_train([*TINY, "tracking=none", "trainer.max_steps=5", "trainer.resume=auto"], tmp_path)
+    again = train_here([*TINY, "tracking=none", "trainer.max_steps=5", "trainer.resume=auto",
+                        "trainer.verify_at_end=false"], tmp_path)
     log = again.stdout + again.stderr
     assert again.returncode == 0, log[-3000:]
     assert f"skipping a checkpoint that does not load: {newest}" in log

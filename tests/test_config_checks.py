@@ -1,12 +1,15 @@
 """Impossible config values stop before anything is built, with one sentence naming the key."""
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from arcface.config_checks import check_config
 from arcface.errors import UserError
-from conftest import TINY, run_train
-from test_config import compose_train
+from conftest import TINY, compose_config
 
 
 @pytest.mark.parametrize("override,key", [
@@ -25,9 +28,11 @@ from test_config import compose_train
     ("trainer.dist_timeout_s=0", "trainer.dist_timeout_s"),
     ("trainer.on_nonfinite=ignore", "trainer.on_nonfinite"),
     ("trainer.precision=fp8", "trainer.precision"),
+    ("trainer.batch_size=0", "trainer.batch_size"),
+    ("trainer.max_steps=0", "trainer.max_steps"),
 ])
 def test_bad_values_name_the_key(override, key):
-    cfg = compose_train(override.split())
+    cfg = compose_config(override.split())
     with pytest.raises(UserError, match=f"^{key}="):
         check_config(cfg)
 
@@ -35,11 +40,16 @@ def test_bad_values_name_the_key(override, key):
 @pytest.mark.parametrize("overrides", [[], ["trainer.grad_clip=null"], ["margin=sphereface"], ["margin=adaface"],
                                        ["optimizer=adamw"], ["experiment=ms1mv3_r50"], ["pfc.rate=0"]])
 def test_shipped_settings_pass(overrides):
-    check_config(compose_train(overrides))
+    check_config(compose_config(overrides))
 
 
-def test_the_cli_prints_one_line(tmp_path):
-    proc = run_train([*TINY, "tracking=none", "pfc.rate=abc"], tmp_path)
+def test_the_installed_command_prints_one_line_and_exits_2(tmp_path):
+    """The one test of the contract as a shell sees it: the `arcface-train` script finds conf/ from any folder,
+    composes the overrides, and bad input ends it with one `error: ` line and status 2 (the other tests of messages
+    call the checks, or the entrypoint in the test's own process)."""
+    script = Path(sys.executable).parent / "arcface-train"
+    proc = subprocess.run([str(script), f"hydra.run.dir={tmp_path / 'run'}", *TINY, "tracking=none", "pfc.rate=abc"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert [line for line in proc.stderr.splitlines() if line.startswith("error: ")] == [
         "error: pfc.rate='abc' is invalid: pfc.rate must be a number >= 0 and <= 1"]

@@ -6,17 +6,11 @@ from functools import partial
 
 import pytest
 import torch
-import torch.nn as nn
 
-from arcface.data import SyntheticIdentities
-from arcface.data.loader import build_loader
-from arcface.distributed import DistEnv
 from arcface.engine.training_state import read_training_state
-from arcface.engine.optim import build_optimizer
-from arcface.engine.schedule import PolynomialWarmup
 from arcface.engine.trainer import Diverged, Trainer
 from arcface.heads import CombinedMargin, PartialFC
-from conftest import TINY, run_train, trainer_options
+from conftest import TINY, error_line, tiny_trainer, train_here
 
 
 class _PoisonedPartialFC(PartialFC):
@@ -32,17 +26,9 @@ class _PoisonedPartialFC(PartialFC):
         return loss * float("nan") if self.calls in self.bad_calls else loss
 
 
-def _trainer(tmp_path, policy: str, bad_calls: set[int], steps: int = 6) -> Trainer:
-    torch.manual_seed(0)
-    data = SyntheticIdentities(num_classes=8, images_per_class=4, image_size=16)
-    backbone = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 16))
-    head = _PoisonedPartialFC(bad_calls, embedding_size=16, num_classes=8)
-    optimizer = build_optimizer(partial(torch.optim.SGD, lr=0.1, momentum=0.9), backbone, head)
-    env = DistEnv(0, 1, 0, torch.device("cpu"))
-    loader = build_loader(data, 4, rank=0, world_size=1, seed=0, num_workers=0, device=env.device)
-    options = trainer_options(save_every=2, log_every=1, verify_at_start=False, on_nonfinite=policy)
-    return Trainer(backbone, head, optimizer, loader, PolynomialWarmup(0, steps), env=env, output_dir=tmp_path,
-                   options=options)
+def _trainer(tmp_path, policy: str, bad_calls: set[int]) -> Trainer:
+    head = partial(_PoisonedPartialFC, bad_calls, embedding_size=16, num_classes=8)
+    return tiny_trainer(tmp_path, head=head, steps=6, save_every=2, verify_at_start=False, on_nonfinite=policy)
 
 
 def _all_finite(path) -> bool:
@@ -69,10 +55,9 @@ def test_skip_drops_the_step_and_goes_on(tmp_path):
 
 
 def test_diverging_run_exits_with_one_sentence(tmp_path):
-    proc = run_train([*TINY, "tracking=none", "trainer.max_steps=6", "trainer.save_every=1", "optimizer.lr=1e30",
-                      "trainer.grad_clip=null"], tmp_path)
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert "non-finite" in errors[0] and "last good checkpoint" in errors[0]
+    proc = train_here([*TINY, "tracking=none", "trainer.max_steps=6", "trainer.save_every=1", "optimizer.lr=1e30",
+                       "trainer.grad_clip=null"], tmp_path)
+    line = error_line(proc)
+    assert "non-finite" in line and "last good checkpoint" in line
     for path in (tmp_path / "run").glob("checkpoint*.pt"):
         assert _all_finite(path), path

@@ -10,17 +10,19 @@ import sys
 from pathlib import Path
 
 import psutil
-import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import TINY, run_train
+from conftest import TINY, run_train, train_here
 
 EXIT_STOPPED = 75
-STEPS = 12
-# Several epochs of the tiny set (8 batches each): resuming crosses an epoch boundary. The signal comes after step 2,
-# so the run has ten steps' time to receive it before it would end on its own.
-RUN = [*TINY, f"trainer.max_steps={STEPS}", "trainer.save_every=0", "trainer.verify_at_start=false"]
+STEPS = 8
+# Two epochs of 32 tiny images (4 batches each): resuming crosses an epoch boundary. The signal comes after step 2,
+# so the run has six steps' time to receive it before it would end on its own.
+RUN = [*TINY, "dataset.images_per_class=2", f"trainer.max_steps={STEPS}", "trainer.save_every=0",
+       "trainer.verify_at_end=false"]
+# A run that goes on until signalled: 1000 steps, on one rank or two.
+LONG = [*RUN, "trainer.max_steps=1000", "trainer.num_epoch=1000"]
 
 
 def _start(args: list[str], workdir: Path, run_dir: Path) -> subprocess.Popen:
@@ -57,9 +59,19 @@ def _final_loss(log: str) -> str:
     return re.findall(rf"step {STEPS}/{STEPS} .* loss (\S+)", log)[-1]
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_signal_saves_and_resume_is_exact(tmp_path, sig):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def _stop_line(lines: list[str], sig: int, run_dir: Path) -> str:
+    """The run's last line, which says how it stopped and how to resume it (asserted)."""
+    log = "\n".join(lines)
+    assert "Traceback" not in log and "KeyboardInterrupt" not in log, log[-3000:]
+    name = signal.Signals(sig).name
+    assert re.match(rf"stopped by {name} at step \d+/{STEPS} with its state saved in {run_dir}/checkpoint.pt; "
+                    rf"resume with: ", lines[-1]), log[-3000:]
+    return lines[-1]
+
+
+def test_signal_saves_and_resume_is_exact(tmp_path, mlflow_db):
+    sig = signal.SIGTERM
+    uri = f"sqlite:///{mlflow_db}"
     tracking = [f"tracking.uri={uri}", "tracking.experiment_name=preempt"]
     (tmp_path / "whole").mkdir()
     whole = run_train([*RUN, "tracking=none"], tmp_path / "whole")
@@ -67,13 +79,9 @@ def test_signal_saves_and_resume_is_exact(tmp_path, sig):
 
     run_dir = tmp_path / "cut" / "run"
     run_dir.parent.mkdir()
-    lines = _signal_after(_start([*RUN, *tracking], run_dir.parent, run_dir), f"step 2/{STEPS}", [sig])
-    log = "\n".join(lines)
-    assert "Traceback" not in log and "KeyboardInterrupt" not in log, log[-3000:]
-    last = lines[-1]
-    name = signal.Signals(sig).name
-    assert re.match(rf"stopped by {name} at step \d+/{STEPS} with its state saved in {run_dir}/checkpoint.pt; "
-                    rf"resume with: ", last), log[-3000:]
+    proc = _start([*RUN, *tracking], run_dir.parent, run_dir)
+    last = _stop_line(_signal_after(proc, f"step 2/{STEPS}", [sig]), sig, run_dir)
+    assert proc.returncode == EXIT_STOPPED
     command = shlex.split(last.split("resume with: ", 1)[1])
     assert command[:3] == ["python", "-m", "arcface.train"] and "trainer.resume=auto" in command
 
@@ -99,9 +107,17 @@ def test_signal_saves_and_resume_is_exact(tmp_path, sig):
     assert sorted(steps) == list(range(1, STEPS + 1))
 
 
+def test_ctrl_c_stops_and_saves_as_a_scheduler_signal_does(tmp_path):
+    """SIGINT takes SIGTERM's path (what follows the save is the same, and tested above)."""
+    run_dir = tmp_path / "run"
+    proc = _start([*RUN, "tracking=none"], tmp_path, run_dir)
+    _stop_line(_signal_after(proc, f"step 2/{STEPS}", [signal.SIGINT]), signal.SIGINT, run_dir)
+    assert proc.returncode == EXIT_STOPPED and read_step(run_dir / "checkpoint.pt") >= 2
+
+
 def test_second_signal_exits_at_once(tmp_path):
     run_dir = tmp_path / "run"
-    proc = _start([*RUN, "tracking=none", "trainer.max_steps=1000", "trainer.num_epoch=200"], tmp_path, run_dir)
+    proc = _start([*LONG, "tracking=none"], tmp_path, run_dir)
     # Two different signals (two of one kind can merge into one delivery); either may be handled first.
     lines = _signal_after(proc, "step 2/1000", [signal.SIGINT, signal.SIGTERM])
     second = signal.Signals(proc.returncode - 128)
@@ -111,7 +127,8 @@ def test_second_signal_exits_at_once(tmp_path):
 
 
 def test_resume_auto_without_a_checkpoint_says_so(tmp_path):
-    proc = run_train([*TINY, "tracking=none", "trainer.max_steps=1", "trainer.resume=auto"], tmp_path)
+    proc = train_here([*TINY, "tracking=none", "trainer.max_steps=1", "trainer.resume=auto",
+                       "trainer.verify_at_end=false"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"found no checkpoint in {tmp_path / 'run'}: starting afresh" in proc.stdout + proc.stderr
 
@@ -122,7 +139,7 @@ def test_a_signal_to_one_rank_stops_every_rank(tmp_path):
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1",
            "PYTHONUNBUFFERED": "1"}
     cmd = ["torchrun", "--standalone", "--nproc_per_node=2", "-m", "arcface.train", f"hydra.run.dir={run_dir}",
-           *RUN, "tracking=none", "trainer.max_steps=1000", "trainer.num_epoch=500"]
+           *LONG, "tracking=none"]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     for line in proc.stdout:

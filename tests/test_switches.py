@@ -3,37 +3,19 @@ folders, fp16 on CPU, and messages that give the counts behind them."""
 from __future__ import annotations
 
 import logging
-from functools import partial
 
-import numpy as np
 import pytest
-import torch
 import torch.nn as nn
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
-from PIL import Image
 
 from arcface.config_checks import check_config
-from arcface.data import SyntheticIdentities, synthetic_pair_set
-from arcface.data.loader import build_loader
-from arcface.distributed import DistEnv
-from arcface.engine.optim import build_optimizer
-from arcface.engine.schedule import PolynomialWarmup
-from arcface.engine.trainer import Trainer
+from arcface.data import synthetic_pair_set
 from arcface.errors import UserError
 from arcface.evaluation import evaluate
 from arcface.evaluation.selection import selected_pair_sets
-from arcface.heads import CombinedMargin, PartialFC
 from arcface.train import _count_classes, _cpu_precision, _total_steps, trainer_options as options_from_config
-from conftest import FIXTURES, REPO, run_train, trainer_options
-
-CPU = DistEnv(0, 1, 0, torch.device("cpu"))
-
-
-def _compose(overrides: list[str]):
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose(config_name="train", overrides=overrides)
+from conftest import CPU, FIXTURES, compose_config, tiny_trainer, train_here, write_image_folders
 
 
 @pytest.mark.parametrize("drop,kept", [
@@ -47,7 +29,7 @@ def _compose(overrides: list[str]):
 ])
 def test_pair_sets_kept_by_the_command_line(drop, kept):
     overrides = ["dataset=ms1mv3", "dataset.root=/data/ms1m", *drop]
-    cfg = _compose(overrides)
+    cfg = compose_config(overrides)
     selected = selected_pair_sets(OmegaConf.select(cfg, "dataset.val"), overrides)
     assert sorted(selected) == kept
     assert all(node.path == f"/data/ms1m/{name}.bin" for name, node in selected.items())
@@ -55,25 +37,12 @@ def test_pair_sets_kept_by_the_command_line(drop, kept):
 
 def test_readme_command_trains_without_pair_sets(tmp_path):
     # ms1mv3 verifies on lfw/cfp_fp/agedb_30 .bin files, which this folder does not have.
-    proc = run_train(["dataset=ms1mv3", f"dataset.root={FIXTURES / 'insightface_header'}", "dataset.val={}",
-                      "backbone=r_tiny", "embedding_size=64", "dataset.num_classes=12", "trainer.batch_size=8",
-                      "trainer.max_steps=2", "trainer.num_workers=0", "tracking=none"], tmp_path)
+    proc = train_here(["dataset=ms1mv3", f"dataset.root={FIXTURES / 'insightface_header'}", "dataset.val={}",
+                       "backbone=r_tiny", "embedding_size=64", "dataset.num_classes=12", "trainer.batch_size=8",
+                       "trainer.max_steps=2", "trainer.num_workers=0", "tracking=none"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "run" / "model.pt").is_file()
     assert "accuracy" not in proc.stdout + proc.stderr
-
-
-def _trainer(tmp_path, **switches) -> Trainer:
-    torch.manual_seed(0)
-    data = SyntheticIdentities(num_classes=8, images_per_class=4, image_size=16)
-    backbone = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 16))
-    head = PartialFC(CombinedMargin(), embedding_size=16, num_classes=8)
-    optimizer = build_optimizer(partial(torch.optim.SGD, lr=0.1), backbone, head)
-    loader = build_loader(data, 4, rank=0, world_size=1, seed=0, num_workers=0, device=CPU.device)
-    options = trainer_options(save_every=0, log_every=1, **switches)
-    pairs = synthetic_pair_set(10, num_identities=4, first_identity=8, image_size=16)
-    return Trainer(backbone, head, optimizer, loader, PolynomialWarmup(0, 4), env=CPU, output_dir=tmp_path,
-                   options=options, val_sets={"holdout": pairs})
 
 
 @pytest.mark.parametrize("switches,tags", [
@@ -82,7 +51,8 @@ def _trainer(tmp_path, **switches) -> Trainer:
     ({"verify_at_start": False, "verify_at_end": False}, []),
 ])
 def test_verification_switches(tmp_path, switches, tags):
-    results = _trainer(tmp_path, **switches).fit()
+    pairs = synthetic_pair_set(10, num_identities=4, first_identity=8, image_size=16)
+    results = tiny_trainer(tmp_path, val_sets={"holdout": pairs}, **switches).fit()
     assert sorted(results.get("holdout", {})) == tags
     assert (tmp_path / "model.pt").is_file()
 
@@ -102,52 +72,46 @@ def test_long_verification_shows_progress(caplog):
 
 
 def test_verification_flags_must_be_booleans():
-    cfg = _compose(["trainer.verify_at_end=no"])
+    cfg = compose_config(["trainer.verify_at_end=no"])
     with pytest.raises(UserError, match="trainer.verify_at_end=.no. is invalid: set trainer.verify_at_end=true or"):
         check_config(cfg)
 
 
-def _faces(root, identities: int) -> None:
-    for i in range(identities):
-        (root / f"id{i}").mkdir(parents=True)
-        Image.fromarray(np.full((112, 112, 3), 40 * i, dtype=np.uint8)).save(root / f"id{i}" / "0.png")
-
-
 def test_folder_counts_its_identities(tmp_path):
-    _faces(tmp_path, 3)
-    cfg = _compose(["dataset=folder", f"dataset.root={tmp_path}"])
+    write_image_folders(tmp_path, {f"id{i}": [112] for i in range(3)})
+    cfg = compose_config(["dataset=folder", f"dataset.root={tmp_path}"])
     dataset = instantiate(cfg.dataset.train)
     _count_classes(cfg, dataset)
     assert cfg.dataset.num_classes == 3 and cfg.pfc.num_classes == 3  # the head is built for the count
-    cfg = _compose(["dataset=folder", f"dataset.root={tmp_path}", "dataset.num_classes=5"])
+    cfg = compose_config(["dataset=folder", f"dataset.root={tmp_path}", "dataset.num_classes=5"])
     with pytest.warns(UserWarning, match=r"3 identity folders but dataset.num_classes=5"):
         instantiate(cfg.dataset.train)
 
 
 def test_fp16_on_cpu_trains_in_fp32_and_says_so(caplog):
-    cfg = _compose(["trainer.precision=fp16"])
+    cfg = compose_config(["trainer.precision=fp16"])
     with caplog.at_level(logging.WARNING, logger="arcface"):
         _cpu_precision(cfg, CPU)
     assert cfg.trainer.precision == "fp32" and cfg.backbone.precision == "fp32"
     assert len(caplog.records) == 1 and "trains in fp32 instead" in caplog.records[0].getMessage()
-    cfg = _compose(["trainer.precision=bf16"])
+    cfg = compose_config(["trainer.precision=bf16"])
     _cpu_precision(cfg, CPU)
     assert cfg.backbone.precision == "bf16"
 
 
 def test_too_few_batches_gives_the_counts():
-    cfg = _compose(["dataset=rec", "dataset.root=/data/faces", "trainer.batch_size=128"])
+    cfg = compose_config(["dataset=rec", "dataset.root=/data/faces", "trainer.batch_size=128"])
     with pytest.raises(UserError, match=r"^/data/faces has 48 images, which 1 rank\(s\) at trainer.batch_size=128 split into "
                                         r"0 full batch\(es\) each.*at most 48"):
         _total_steps(cfg, 48, 1, 0)
-    cfg = _compose(["dataset=synthetic", "trainer.batch_size=4", "trainer.gradient_acc=16"])
+    cfg = compose_config(["dataset=synthetic", "trainer.batch_size=4", "trainer.gradient_acc=16"])
     with pytest.raises(UserError, match=r"^dataset=synthetic has 48 images, which 4 rank\(s\).*3 full.*gradient_acc=16.*fewer ranks"):
         _total_steps(cfg, 48, 4, 3)
 
 
 def test_trainer_options_come_from_the_config_alone():
-    options = options_from_config(_compose(["trainer.batch_size=32", "trainer.xnorm=reference"]))
+    options = options_from_config(compose_config(["trainer.batch_size=32", "trainer.xnorm=reference"]))
     assert options.eval_batch_size == 32
     assert options.xnorm == "reference"
     with pytest.raises(UserError, match=r"^trainer.xnorm is missing from the config"):
-        options_from_config(_compose(["~trainer.xnorm"]))
+        options_from_config(compose_config(["~trainer.xnorm"]))

@@ -4,9 +4,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from arcface.engine.tracking import MLflowTracker, NullTracker, metric_key
+from cluster import free_loopback_port
 
 # Holds an exclusive lock on a sqlite file until killed: what a busy concurrent writer does to everyone else.
 LOCKER = ("import sqlite3, sys, time\n"
@@ -38,24 +37,6 @@ def _restore_mlflow_env():
             os.environ[name] = value
 
 
-@pytest.fixture(scope="module")
-def empty_store(tmp_path_factory) -> Path:
-    """A sqlite store with MLflow's tables, made once: creating them takes seconds, copying the file does not."""
-    from mlflow import MlflowClient
-
-    db = tmp_path_factory.mktemp("store") / "mlflow.db"
-    MlflowClient(f"sqlite:///{db}").search_experiments()
-    return db
-
-
-@pytest.fixture
-def store(empty_store, tmp_path) -> Path:
-    """This test's own sqlite store file."""
-    db = tmp_path / "mlflow.db"
-    shutil.copyfile(empty_store, db)
-    return db
-
-
 @pytest.fixture
 def warnings(caplog):
     """The tracker's warning lines so far (the test reads the list again after more happened)."""
@@ -72,12 +53,6 @@ def wait_until(condition, what: str, limit: float = 60.0) -> None:
         time.sleep(0.05)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def history(uri: str, run_id: str, key: str = "loss") -> list[int]:
     from mlflow import MlflowClient
 
@@ -91,7 +66,7 @@ def test_null_tracker_has_the_same_api():
 
 
 def test_unreachable_server_costs_one_warning_and_never_raises(tmp_path, warnings, caplog):
-    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there: every connection is refused
+    uri = f"http://127.0.0.1:{free_loopback_port()}"  # nothing listens there: every connection is refused
     tracker = MLflowTracker(uri, "arcface", timeout=5, flush_timeout=30)
     tracker.start({"optimizer": {"lr": 0.1}}, tags={"backbone": "r18"})
     for step in range(1, 51):
@@ -107,12 +82,12 @@ def test_unreachable_server_costs_one_warning_and_never_raises(tmp_path, warning
     assert "mlflow ui" not in caplog.text  # no run to point at
 
 
-def test_locked_sqlite_file_buffers_then_delivers_newest(store, warnings):
+def test_locked_sqlite_file_buffers_then_delivers_newest(mlflow_db, warnings):
     from mlflow import MlflowClient
 
-    uri = f"sqlite:///{store}"
+    uri = f"sqlite:///{mlflow_db}"
     MlflowClient(uri).search_experiments()  # the store is in use before another writer locks it
-    locker = subprocess.Popen([sys.executable, "-c", LOCKER, str(store)], stdout=subprocess.PIPE, text=True)
+    locker = subprocess.Popen([sys.executable, "-c", LOCKER, str(mlflow_db)], stdout=subprocess.PIPE, text=True)
     try:
         assert locker.stdout.readline().strip() == "locked"
         tracker = MLflowTracker(uri, "arcface", timeout=2, flush_timeout=60, max_buffered=40)
@@ -133,10 +108,10 @@ def test_locked_sqlite_file_buffers_then_delivers_newest(store, warnings):
     assert len(warnings()) == 2
 
 
-def test_resumed_run_continues_with_each_step_once(store, warnings):
+def test_resumed_run_continues_with_each_step_once(mlflow_db, warnings):
     from mlflow import MlflowClient
 
-    uri = f"sqlite:///{store}"
+    uri = f"sqlite:///{mlflow_db}"
     params = {"optimizer": {"lr": 0.1}, "trainer": {"max_steps": 6}}
     first = MLflowTracker(uri, "arcface", run_name="demo")
     first.start(params, tags={"backbone": "r18"})
@@ -168,10 +143,10 @@ def test_metric_names_are_made_acceptable_to_mlflow():
     assert metric_key("cfp-fp/acc (flip)#2") == "cfp-fp/acc _flip__2"
 
 
-def test_run_deleted_mid_training_costs_one_warning(store, warnings, caplog):
+def test_run_deleted_mid_training_costs_one_warning(mlflow_db, warnings, caplog):
     from mlflow import MlflowClient
 
-    uri = f"sqlite:///{store}"
+    uri = f"sqlite:///{mlflow_db}"
     tracker = MLflowTracker(uri, "arcface")
     tracker.start({"optimizer": {"lr": 0.1}})
     for step in (1, 2, 3):
@@ -222,7 +197,7 @@ def stop_server(server: subprocess.Popen) -> None:
 
 @pytest.mark.slow  # two server starts: ~20 s each on 2 cores
 def test_server_stopped_mid_run_then_back(tmp_path, warnings):
-    port = free_port()
+    port = free_loopback_port()
     uri = f"http://127.0.0.1:{port}"
     db = tmp_path / "server.db"
     server = start_server(port, db, tmp_path / "server.log")
