@@ -30,6 +30,21 @@ def on_meta(name: str, **kwargs) -> torch.nn.Module:
         return create_backbone(name, **kwargs)
 
 
+def small_vit(**kwargs) -> VisionTransformer:
+    # vit_t's mechanics (patch embedding, drop-path, masking, checkpointing) at a fraction of its cost.
+    return VisionTransformer(**{"embed_dim": 64, "depth": 3, "drop_path": 0.2, "mask_ratio": 0.2, **kwargs})
+
+
+def small_mbf(**kwargs) -> MobileFaceNet:
+    # Residual stacks in every position (blocks[0] > 1), at half of mbf's width.
+    return MobileFaceNet(blocks=(2, 1, 1, 1), scale=1, **kwargs)
+
+
+# One small network per family, built the way create_backbone builds the registered ones.
+SMALL = [partial(create_backbone, "r_tiny"), small_mbf, small_vit]
+SMALL_IDS = ["r_tiny", "mbf", "vit"]
+
+
 def test_every_family_is_registered():
     assert set(ALL) <= set(list_backbones())
 
@@ -112,16 +127,16 @@ def test_vit_layout(name):
 
 # --- loading weights ----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["r_tiny", "mbf", "vit_t"])
-def test_save_load_strict_gives_identical_outputs(tmp_path, name):
+@pytest.mark.parametrize("build", SMALL, ids=SMALL_IDS)
+def test_save_load_strict_gives_identical_outputs(tmp_path, build):
     torch.manual_seed(1)
-    src = create_backbone(name, embedding_size=64)
+    src = build(embedding_size=64)
     src.train()(images(4))  # move the BatchNorm running statistics away from their initial values
     path = tmp_path / "backbone.pth"
     torch.save(src.state_dict(), path)
     torch.manual_seed(2)
-    dst = create_backbone(name, embedding_size=64)
-    load_backbone_weights(dst, path, name)
+    dst = build(embedding_size=64)
+    load_backbone_weights(dst, path, "the backbone")
     src.eval(), dst.eval()
     with torch.no_grad():
         assert torch.equal(src(images()), dst(images()))
@@ -159,33 +174,39 @@ def test_missing_file_is_a_user_error(tmp_path):
 
 # --- options ------------------------------------------------------------------------------------------------
 
-def train_step(model, x, seed=0):
+def train_step(model, x, seed=0) -> tuple[torch.Tensor, int]:
+    """One forward and backward in training mode: the output and the count of `forward_counting_saved`."""
     torch.manual_seed(seed)  # same drop-path / masking draws for both runs
     model.train()
-    out = model(x)
+    out, saved = forward_counting_saved(model, x)
     (out * torch.linspace(-1, 1, out.shape[1])).sum().backward()
-    return out.detach()
+    return out.detach(), saved
 
 
-def small_vit(**kwargs) -> VisionTransformer:
-    # vit_t's mechanics (drop-path, masking, checkpointing) at a fraction of its cost.
-    return VisionTransformer(embed_dim=64, depth=3, drop_path=0.2, mask_ratio=0.2, **kwargs)
+def forward_counting_saved(model, x) -> tuple[torch.Tensor, int]:
+    """The output, and how many tensors autograd kept for the backward outside checkpointed blocks (a checkpointed
+    block keeps only its input, held by the checkpoint itself, and recomputes the rest)."""
+    saved = 0
+
+    def pack(tensor):
+        nonlocal saved
+        saved += 1
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        return model(x), saved
 
 
-def small_mbf(**kwargs) -> MobileFaceNet:
-    # Residual stacks in every position (blocks[0] > 1), at half of mbf's width.
-    return MobileFaceNet(blocks=(2, 1, 1, 1), scale=1, **kwargs)
-
-
-@pytest.mark.parametrize("build", [partial(create_backbone, "r_tiny"), small_mbf, small_vit],
-                         ids=["r_tiny", "mbf", "vit"])
+@pytest.mark.parametrize("build", SMALL, ids=SMALL_IDS)
 def test_checkpointing_gives_identical_outputs_grads_and_statistics(build):
     torch.manual_seed(3)
     plain = build(embedding_size=32, dropout=0.2)
     ckpt = build(embedding_size=32, dropout=0.2, checkpointing=True)
     ckpt.load_state_dict(plain.state_dict())
     x = images(2)
-    torch.testing.assert_close(train_step(ckpt, x), train_step(plain, x), rtol=0, atol=0)
+    (out_ckpt, saved_ckpt), (out_plain, saved_plain) = train_step(ckpt, x), train_step(plain, x)
+    torch.testing.assert_close(out_ckpt, out_plain, rtol=0, atol=0)
+    assert saved_ckpt < saved_plain / 2  # the blocks really were checkpointed
     for (n, p), q in zip(plain.named_parameters(), ckpt.parameters()):
         assert (p.grad is None) == (q.grad is None), n
         if p.grad is not None:
@@ -196,28 +217,33 @@ def test_checkpointing_gives_identical_outputs_grads_and_statistics(build):
 
 
 def test_checkpointing_reduces_peak_memory():
-    x = images(4)
+    x = images(2)
 
     def peak(checkpointing: bool) -> int:
         torch.manual_seed(0)
-        model = create_backbone("mbf", checkpointing=checkpointing).train()
+        model = small_mbf(checkpointing=checkpointing).train()
         return peak_memory(lambda: model(x).sum().backward())
 
     assert peak(True) < 0.5 * peak(False)
 
 
 def test_checkpointing_is_off_in_eval():
-    model = create_backbone("r_tiny", checkpointing=True).eval()
-    with torch.no_grad():
-        y = model(images())
-    assert y.shape == (2, 512)
+    # Gradients through an evaluated network (e.g. a loss on a frozen backbone's embeddings) recompute nothing.
+    torch.manual_seed(0)
+    plain = create_backbone("r_tiny", embedding_size=32).eval()
+    ckpt = create_backbone("r_tiny", embedding_size=32, checkpointing=True).eval()
+    ckpt.load_state_dict(plain.state_dict())
+    out_ckpt, saved_ckpt = forward_counting_saved(ckpt, images())
+    out_plain, saved_plain = forward_counting_saved(plain, images())
+    assert saved_ckpt == saved_plain > 0
+    torch.testing.assert_close(out_ckpt, out_plain, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("name", ["r_tiny", "vit_t"])
-def test_channels_last_matches_contiguous(name):
+@pytest.mark.parametrize("build", [SMALL[0], SMALL[2]], ids=[SMALL_IDS[0], SMALL_IDS[2]])
+def test_channels_last_matches_contiguous(build):
     torch.manual_seed(4)
-    plain = create_backbone(name).eval()
-    cl = create_backbone(name, channels_last=True).eval()
+    plain = build().eval()
+    cl = build(channels_last=True).eval()
     cl.load_state_dict(plain.state_dict())
     conv = next(m for m in cl.modules() if isinstance(m, torch.nn.Conv2d))
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
@@ -244,7 +270,7 @@ def test_unknown_precision_is_rejected():
 @pytest.mark.parametrize("ratio, train, tokens", [(0.3, True, 100), (0.1, True, 129), (0.0, True, 144),
                                                   (0.3, False, 144)])
 def test_vit_uses_the_configured_mask_ratio(ratio, train, tokens):
-    model = create_backbone("vit_t", mask_ratio=ratio).train(train)
+    model = small_vit(mask_ratio=ratio).train(train)
     seen = []
     model.blocks[0].register_forward_hook(lambda m, i, o: seen.append(i[0].shape[1]))
     with torch.set_grad_enabled(train):
@@ -253,11 +279,11 @@ def test_vit_uses_the_configured_mask_ratio(ratio, train, tokens):
 
 
 def test_vit_masked_tokens_become_the_mask_token():
-    model = create_backbone("vit_t", mask_ratio=0.5).train()
+    model = small_vit(mask_ratio=0.5).train()
     # Mark every token by its position; after restoring, kept tokens are back in place, dropped ones are masks.
-    x = torch.arange(6.0)[None, :, None].expand(2, 6, 256)
+    x = torch.arange(6.0)[None, :, None].expand(2, 6, 64)
     kept, order = model._drop_tokens(x)
-    assert kept.shape == (2, 3, 256)
+    assert kept.shape == (2, 3, 64)
     restored = model._restore_tokens(kept, order)
     is_mask = (restored == model.mask_token.detach()).all(-1)
     assert is_mask.sum(1).tolist() == [3, 3]
@@ -265,15 +291,15 @@ def test_vit_masked_tokens_become_the_mask_token():
 
 
 def test_vit_drop_path_is_an_option():
-    model = create_backbone("vit_t", drop_path=0.3)
+    model = on_meta("vit_t", drop_path=0.3)
     assert model.blocks[-1].drop_path.p == pytest.approx(0.3)
-    assert isinstance(create_backbone("vit_t", drop_path=0.0).blocks[-1].drop_path, torch.nn.Identity)
+    assert isinstance(on_meta("vit_t", drop_path=0.0).blocks[-1].drop_path, torch.nn.Identity)
     with pytest.raises(ValueError, match="mask_ratio"):
-        create_backbone("vit_t", mask_ratio=1.0)
+        on_meta("vit_t", mask_ratio=1.0)
 
 
 def test_unknown_name_is_a_user_error():
-    with pytest.raises(UserError, match="unknown backbone 'r51'.*any timm model name"):
+    with pytest.raises(UserError, match="^unknown backbone 'r51': choose one of .*r50.*any timm model name"):
         create_backbone("r51")
 
 
