@@ -10,12 +10,11 @@ import torch
 
 from arcface.data import ImageFolderDataset, RecordDataset
 from arcface.data.dali import image_index
-from arcface.data.decode import encode_jpeg
 from arcface.data.loader import build_loader
-from arcface.data.recordio import MAGIC, InsightFaceWriter, IRHeader, RecordReader, RecordWriter, pack, unpack
+from arcface.data.recordio import MAGIC, IRHeader, RecordReader, RecordWriter, pack, unpack
 from arcface.errors import UserError
 from nvidia.dali import fn, pipeline_def  # the dev extra installs DALI: these tests must run, not skip
-from conftest import FIXTURES
+from conftest import FIXTURES, write_rec
 
 CPU = torch.device("cpu")
 
@@ -56,11 +55,7 @@ def test_dali_reader_reads_the_mxnet_continuation_fixture():
 @pytest.fixture(scope="module")
 def packed(tmp_path_factory) -> RecordDataset:
     """An InsightFace-layout file written by this project: 5 identities, 30 images."""
-    folder = tmp_path_factory.mktemp("dali")
-    rng = np.random.default_rng(0)
-    with InsightFaceWriter(folder / "train.rec", folder / "train.idx") as writer:
-        for i in range(30):
-            writer.add(i // 6, encode_jpeg(rng.integers(0, 255, (112, 112, 3), dtype=np.uint8)))
+    folder = write_rec(tmp_path_factory.mktemp("dali"), [i // 6 for i in range(30)])
     return RecordDataset(str(folder), num_classes=5, loader="dali")
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +14,7 @@ from arcface.data import ImageFolderDataset, RecordDataset
 from arcface.data.decode import decode_image, decode_into, decode_rgb, encode_jpeg
 from arcface.data.recordio import IRHeader, PlainWriter, RecordReader, RecordWriter, pack, unpack
 from arcface.errors import UserError
-from conftest import FIXTURES
+from conftest import FIXTURES, write_image_folders
 
 MANIFEST = json.loads((FIXTURES / "MANIFEST.json").read_text())
 
@@ -104,16 +103,8 @@ def test_decoders_agree(tmp_path):
         decode_rgb(b"\xff\xd8\xff\x00garbage")
 
 
-def _folder_tree(root: Path, sizes: dict[str, list[int]]) -> None:
-    rng = np.random.default_rng(0)
-    for name, image_sizes in sizes.items():
-        (root / name).mkdir(parents=True)
-        for i, size in enumerate(image_sizes):
-            Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(root / name / f"{i}.png")
-
-
 def test_image_folder_dataset(tmp_path):
-    _folder_tree(tmp_path, {"bob": [112, 112], "alice": [112], "carol": [112, 112, 112]})
+    write_image_folders(tmp_path, {"bob": [112, 112], "alice": [112], "carol": [112, 112, 112]})
     (tmp_path / "alice" / "notes.txt").write_text("ignored")
     data = ImageFolderDataset(str(tmp_path), num_classes=3)
     assert data.classes == ["alice", "bob", "carol"] and len(data) == 6
@@ -128,7 +119,7 @@ def test_image_folder_dataset(tmp_path):
 def test_image_folder_errors_and_resize(tmp_path):
     with pytest.raises(UserError, match="no images"):
         ImageFolderDataset(str(tmp_path), num_classes=2)
-    _folder_tree(tmp_path / "big", {"a": [160, 112]})
+    write_image_folders(tmp_path / "big", {"a": [160, 112]})
     with pytest.warns(UserWarning, match="160x160 .* resized"):
         data = ImageFolderDataset(str(tmp_path / "big"), num_classes=1)
     assert tuple(data[0][0].shape) == (3, 112, 112)

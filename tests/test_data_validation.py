@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import shutil
 import struct
 import zlib
 from pathlib import Path
@@ -19,7 +18,7 @@ from arcface.data.loader import build_loader
 from arcface.data.record_checks import record_labels
 from arcface.data.recordio import MAGIC, PlainWriter, RecordIndex, RecordReader, first_label, read_layout
 from arcface.errors import UserError
-from conftest import FIXTURES
+from conftest import FIXTURES, copy_rec
 
 JPEG = encode_jpeg(np.random.default_rng(0).integers(0, 256, (112, 112, 3), dtype=np.uint8))
 
@@ -28,12 +27,6 @@ def _plain(folder: Path, labels: list, data: list[bytes] | None = None) -> Path:
     with PlainWriter(folder / "train.rec", folder / "train.idx") as writer:
         for i, label in enumerate(labels):
             writer.add(label, data[i] if data else JPEG)
-    return folder
-
-
-def _copy(name: str, folder: Path) -> Path:
-    for f in ("train.rec", "train.idx"):
-        shutil.copyfile(FIXTURES / name / f, folder / f)
     return folder
 
 
@@ -117,7 +110,7 @@ def test_plain_label_beyond_num_classes_names_the_count(tmp_path):
 
 def test_insightface_image_label_beyond_its_identity_records(tmp_path):
     # The fixture has 12 identity records; give the image at key 5 the label 99 (scalar label: IRHeader offset 4).
-    folder = _copy("insightface_header", tmp_path)
+    folder = copy_rec(FIXTURES / "insightface_header", tmp_path)
     offset = RecordIndex.load(folder / "train.idx").offset(5)
     raw = bytearray((folder / "train.rec").read_bytes())
     raw[offset + 8 + 4:offset + 8 + 8] = struct.pack("<f", 99.0)

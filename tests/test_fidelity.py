@@ -36,20 +36,18 @@ import dataclasses
 import pytest
 import torch
 import torch.nn as nn
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from arcface.compat import check_compat
 from arcface.config_checks import check_config
 from arcface.data import synthetic_pair_set
-from arcface.distributed import DistEnv
 from arcface.engine.optim import build_optimizer
 from arcface.engine.schedule import PolynomialWarmup
 from arcface.engine.trainer import Trainer
 from arcface.errors import UserError
 from arcface.evaluation import evaluate
 from arcface.train import trainer_options
-from conftest import REPO
+from conftest import CPU, compose_config
 
 CLASSES, EMBEDDING, SIDE = 10, 128, 4
 BATCH, ACC, STEPS, WARMUP_STEPS = 4, 2, 3, 2
@@ -64,8 +62,6 @@ REFERENCE_LOSSES = {
                 34.64359664916992],
 }
 REFERENCE_LR = [1.0, 0.3333333333333333, 0.6666666666666666, 1.0, 0.8, 0.6, 0.4, 0.19999999999999996]
-
-CPU = DistEnv(0, 1, 0, torch.device("cpu"))
 
 
 def make_case() -> dict[str, torch.Tensor]:
@@ -107,14 +103,9 @@ class _Batches:
             yield self.images[i * BATCH:(i + 1) * BATCH], self.labels[i * BATCH:(i + 1) * BATCH]
 
 
-def _compose(overrides: list[str]):
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose(config_name="train", overrides=overrides)
-
-
 def _train_losses(tmp_path, margin: str, compat: str) -> list[float]:
     """Each micro-batch's loss over STEPS optimizer steps of the project's trainer, built from the composed config."""
-    cfg = _compose([f"compat={compat}", f"margin={margin}", "optimizer=sgd", f"optimizer.lr={LR}",
+    cfg = compose_config([f"compat={compat}", f"margin={margin}", "optimizer=sgd", f"optimizer.lr={LR}",
                     f"optimizer.weight_decay={WD}", f"trainer.gradient_acc={ACC}", "trainer.precision=fp32",
                     "trainer.grad_clip=5.0", f"embedding_size={EMBEDDING}", f"dataset.num_classes={CLASSES}"])
     check_config(cfg)
@@ -158,7 +149,7 @@ def test_reference_warmup_schedule():
 @pytest.mark.parametrize("overrides", [["margin=combined"], ["margin=curricularface"], ["margin=sphereface"]])
 def test_margins_without_a_reference_form_are_refused(overrides):
     with pytest.raises(UserError, match="compat=reference cannot follow margin"):
-        check_compat(_compose(["compat=reference", *overrides]))
+        check_compat(compose_config(["compat=reference", *overrides]))
 
 
 def test_reference_xnorm_is_the_mean_norm_of_plain_and_flipped_embeddings():
@@ -176,7 +167,7 @@ def test_reference_xnorm_is_the_mean_norm_of_plain_and_flipped_embeddings():
 def test_dense_updates_decay_and_move_rows_that_were_not_sampled():
     # compat=reference's pfc.sparse_update=false: the centres are an ordinary dense parameter of torch's SGD, so
     # weight decay (and, from the second step, momentum) move every row, sampled or not, as in the reference.
-    cfg = _compose(["compat=reference", "pfc.rate=0.5", f"embedding_size={EMBEDDING}",
+    cfg = compose_config(["compat=reference", "pfc.rate=0.5", f"embedding_size={EMBEDDING}",
                     f"dataset.num_classes={CLASSES}"])
     case = make_case()
     backbone = make_backbone(case)

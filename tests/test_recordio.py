@@ -6,7 +6,6 @@ import json
 import os
 import pickle
 import struct
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +14,7 @@ from hypothesis import given, settings, strategies as st
 from arcface.data.recordio import (MAGIC, IRHeader, RecordIndex, RecordReader, RecordWriter, encode_record, pack,
                                    read_layout, unpack)
 from arcface.errors import UserError
-from conftest import FIXTURES
+from conftest import FIXTURES, copy_rec
 
 MANIFEST = json.loads((FIXTURES / "MANIFEST.json").read_text())
 MAGIC_BYTES = struct.pack("<I", MAGIC)
@@ -150,21 +149,15 @@ def test_index_parses_in_blocks(tmp_path):
     assert index.keys.tolist() == list(range(1000)) and index.offset(999) == 39960
 
 
-def _copy_fixture(tmp_path, name="plain") -> Path:
-    for f in ("train.rec", "train.idx"):
-        (tmp_path / f).write_bytes((FIXTURES / name / f).read_bytes())
-    return tmp_path
-
-
 def test_missing_idx_names_file_and_fix(tmp_path):
-    folder = _copy_fixture(tmp_path)
+    folder = copy_rec(FIXTURES / "plain", tmp_path)
     os.remove(folder / "train.idx")
     with pytest.raises(UserError, match=r"train\.idx is missing in .*--write-idx"):
         RecordReader(folder / "train.rec", folder / "train.idx")
 
 
 def test_truncated_rec_names_key_and_offset(tmp_path):
-    folder = _copy_fixture(tmp_path)
+    folder = copy_rec(FIXTURES / "plain", tmp_path)
     raw = (folder / "train.rec").read_bytes()
     offset = RecordIndex.load(folder / "train.idx").offset(9)
     (folder / "train.rec").write_bytes(raw[:offset + 100])
@@ -174,7 +167,7 @@ def test_truncated_rec_names_key_and_offset(tmp_path):
 
 
 def test_idx_past_end_names_key_and_offset(tmp_path):
-    folder = _copy_fixture(tmp_path)
+    folder = copy_rec(FIXTURES / "plain", tmp_path)
     size = os.path.getsize(folder / "train.rec")
     (folder / "train.idx").write_text(f"0\t0\n1\t{size + 8}\n")
     reader = RecordReader(folder / "train.rec", folder / "train.idx")
@@ -183,7 +176,7 @@ def test_idx_past_end_names_key_and_offset(tmp_path):
 
 
 def test_corrupt_magic_names_key_and_offset(tmp_path):
-    folder = _copy_fixture(tmp_path)
+    folder = copy_rec(FIXTURES / "plain", tmp_path)
     (folder / "train.idx").write_text("0\t4\n")  # points inside record 0
     with pytest.raises(UserError, match=r"record 0 at offset 4 .*RecordIO magic"):
         RecordReader(folder / "train.rec", folder / "train.idx").read(0)

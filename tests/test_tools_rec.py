@@ -17,6 +17,7 @@ from PIL import Image
 from arcface.data import RecordDataset
 from arcface.data.recordio import RecordIndex, RecordReader, read_layout, unpack
 from arcface.errors import UserError
+from conftest import copy_rec
 
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
 
@@ -126,8 +127,7 @@ def test_shuffle_then_train_from_copy(packed, tmp_path):
 
 
 def test_inspect_lists_every_bad_record_and_fails(packed, tmp_path):
-    for f in ("train.rec", "train.idx"):
-        (tmp_path / f).write_bytes((packed / f).read_bytes())
+    copy_rec(packed, tmp_path)
     index = RecordIndex.load(tmp_path / "train.idx")
     raw = bytearray((tmp_path / "train.rec").read_bytes())
     raw[index.offset(2) + 8 + 24:index.offset(2) + 8 + 40] = b"\0" * 16  # wreck the JPEG of key 2
@@ -150,16 +150,9 @@ def test_write_idx_rebuilds_a_missing_index(packed, tmp_path):
     assert not list(tmp_path.glob(".*.tmp"))
 
 
-def _copy_folder(src: Path, dst: Path) -> Path:
-    dst.mkdir(exist_ok=True)
-    for f in ("train.rec", "train.idx"):
-        (dst / f).write_bytes((src / f).read_bytes())
-    return dst
-
-
 def test_inspect_fails_on_labels_that_name_no_class(packed, tmp_path):
     # 4 identity records; the image at key 3 claims class 99 and the one at key 6 a NaN (scalar label: IRHeader + 4).
-    folder = _copy_folder(packed, tmp_path)
+    folder = copy_rec(packed, tmp_path)
     index = RecordIndex.load(folder / "train.idx")
     raw = bytearray((folder / "train.rec").read_bytes())
     for key, label in ((3, 99.0), (6, float("nan"))):
@@ -173,7 +166,7 @@ def test_inspect_fails_on_labels_that_name_no_class(packed, tmp_path):
 
 
 def test_inspect_fails_on_a_rec_cut_short(packed, tmp_path):
-    folder = _copy_folder(packed, tmp_path)
+    folder = copy_rec(packed, tmp_path)
     index = RecordIndex.load(folder / "train.idx")
     raw = (folder / "train.rec").read_bytes()
     (folder / "train.rec").write_bytes(raw[:index.offset(9)])
@@ -198,7 +191,7 @@ def _crash_at_replace(monkeypatch, survive: int) -> None:
 def test_repack_interrupted_while_renaming_never_pairs_a_rec_with_a_foreign_idx(faces, packed, tmp_path,
                                                                                 monkeypatch, survive):
     # Re-pack over an existing folder as a plain file (other offsets); die before or after the .rec is renamed.
-    folder = _copy_folder(packed, tmp_path)
+    folder = copy_rec(packed, tmp_path)
     old_rec = (folder / "train.rec").read_bytes()
     _crash_at_replace(monkeypatch, survive)
     with pytest.raises(KeyboardInterrupt):
@@ -214,7 +207,7 @@ def test_repack_interrupted_while_renaming_never_pairs_a_rec_with_a_foreign_idx(
 def test_pack_and_shuffle_leave_no_temporaries_and_a_failed_pack_keeps_the_old_pair(faces, packed, tmp_path):
     result = run("shuffle_rec", packed, tmp_path / "shuffled", "--seed", 1)
     assert result.returncode == 0 and not list((tmp_path / "shuffled").glob(".*")), result.stderr
-    folder = _copy_folder(packed, tmp_path / "again")
+    folder = copy_rec(packed, tmp_path / "again")
     before = {f: (folder / f).read_bytes() for f in ("train.rec", "train.idx")}
     (tmp_path / "bad.lst").write_text("".join(f"{faces}/person{c}/0.jpg\t{c}\n" for c in [0, 1, 0]))
     result = run("pack_rec", tmp_path / "bad.lst", folder, "--workers", 1, "--force")
