@@ -13,6 +13,7 @@ from arcface.engine.schedule import WARMUPS
 from arcface.engine.trainer import ACCUMULATIONS, NONFINITE_POLICIES
 from arcface.errors import UserError
 from arcface.evaluation.verification import XNORMS
+from arcface.heads.partial_fc import STORAGE_DTYPES
 from arcface.precision import PRECISIONS
 
 
@@ -89,6 +90,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "trainer.accumulate": ACCUMULATIONS,
     "trainer.xnorm": XNORMS,
     "scheduler.warmup": WARMUPS,
+    "pfc.storage_dtype": tuple(STORAGE_DTYPES),
 }
 
 

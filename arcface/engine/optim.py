@@ -5,6 +5,9 @@ sparse tensor of those rows (see `PartialFC.row_sparse_parameters`), and `RowSpa
 algorithm (SGD with momentum, Adam/AdamW) to exactly those rows: gradient, weight decay and optimizer state of the
 other rows stay bit-for-bit untouched, and the memory per centre is its weight plus its optimizer state.
 Everything else (the backbone) goes through the configured torch optimizer unchanged.
+Centres stored in bfloat16 (`PartialFC(storage_dtype="bfloat16")`) keep their optimizer state in bfloat16 too; the
+sampled rows are widened to float32, updated there, and rounded back stochastically (`arcface.engine.rounding`), so
+updates far below bfloat16's resolution still move the centres on average.
 
 A torch optimizer built by hand over the head's parameters would fail inside its step on that sparse gradient
 (`add(sparse, dense) is not supported`, `Adam does not support sparse gradients`); a step pre-hook registered for
@@ -20,6 +23,7 @@ import torch
 import torch.nn as nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
+from arcface.engine.rounding import round_stochastic
 from arcface.errors import UserError
 
 
@@ -43,6 +47,20 @@ class _RowBlock:
     def put(self, tensor: torch.Tensor, values: torch.Tensor) -> None:
         if self.rows is None:
             tensor.index_copy_(0, self.index, values)
+
+    def widen(self, tensor: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The rows in float32, for the arithmetic: `take` for float32 tensors, a widened copy of bfloat16 ones."""
+        return self.take(tensor, out) if tensor.dtype == torch.float32 else self.take(tensor).float()
+
+    def store(self, tensor: torch.Tensor, values: torch.Tensor) -> None:
+        """Write `widen`'s float32 rows back after updating them: as they are, or stochastically rounded to the
+        tensor's bfloat16."""
+        if tensor.dtype == values.dtype:
+            self.put(tensor, values)
+        elif self.rows is None:
+            tensor.index_copy_(0, self.index, round_stochastic(values))
+        else:
+            tensor[self.rows] = round_stochastic(values)
 
     def add(self, tensor: torch.Tensor, values: torch.Tensor, alpha: float) -> None:
         """tensor[rows] += alpha * values, in one pass over the rows."""
@@ -81,26 +99,30 @@ def sgd_rows(param: torch.Tensor, grad: torch.Tensor, state: dict, group: dict) 
         state["momentum_buffer"] = torch.zeros_like(param)
     # Buffers reused by every block: the decayed gradient and the gathered weight and momentum rows.
     block = min(_BLOCK_ROWS, grad.shape[0])
-    decayed, weight_rows, buf_rows = (param.new_empty((block, *param.shape[1:])) for _ in range(3))
+    decayed, weight_rows, buf_rows = (param.new_empty((block, *param.shape[1:]), dtype=torch.float32)
+                                      for _ in range(3))
+    narrow = param.dtype != torch.float32  # bfloat16 storage: every update goes through float32 rows
     for rows in row_blocks(grad):
-        g = -rows.grad if group["maximize"] else rows.grad
+        g = rows.grad.float()
+        g = -g if group["maximize"] else g
         w = None
+        if wd or narrow:
+            w = rows.widen(param, out=weight_rows)
         if wd:  # the decayed gradient g + wd * w
-            w = rows.take(param, out=weight_rows)
             g = torch.add(g, w, alpha=wd, out=decayed[:g.shape[0]])
         if momentum:
             # buf = momentum * buf + (1 - dampening) * g, in one pass when there is no dampening.
-            buf = rows.take(state["momentum_buffer"], out=buf_rows)
+            buf = rows.widen(state["momentum_buffer"], out=buf_rows)
             if dampening:
                 buf.mul_(momentum).add_(g, alpha=1 - dampening)
             else:
                 torch.add(g, buf, alpha=momentum, out=buf)
-            rows.put(state["momentum_buffer"], buf)
+            rows.store(state["momentum_buffer"], buf)
             g = g.add(buf, alpha=momentum) if group["nesterov"] else buf
         if w is None:
             rows.add(param, g, alpha=-lr)
         else:  # the rows are at hand already: updating them and copying back is cheaper than an index_add
-            rows.put(param, w.add_(g, alpha=-lr))
+            rows.store(param, w.add_(g, alpha=-lr))
 
 
 @torch.no_grad()
@@ -114,21 +136,22 @@ def adam_rows(param: torch.Tensor, grad: torch.Tensor, state: dict, group: dict)
         state["exp_avg_sq"] = torch.zeros_like(param)
     lr, (beta1, beta2), wd = group["lr"], group["betas"], group["weight_decay"]
     for rows in row_blocks(grad):
-        g = -rows.grad if group["maximize"] else rows.grad
-        w = rows.take(param)
+        g = rows.grad.float()
+        g = -g if group["maximize"] else g
+        w = rows.widen(param)
         if wd and group.get("decoupled_weight_decay"):
             w.mul_(1 - lr * wd)
         elif wd:
             g = g.add(w, alpha=wd)
         step = rows.take(state["step"]).add_(1)
-        exp_avg = rows.take(state["exp_avg"]).lerp_(g, 1 - beta1)
-        exp_avg_sq = rows.take(state["exp_avg_sq"]).mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        exp_avg = rows.widen(state["exp_avg"]).lerp_(g, 1 - beta1)
+        exp_avg_sq = rows.widen(state["exp_avg_sq"]).mul_(beta2).addcmul_(g, g, value=1 - beta2)
         for name, value in (("step", step), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
-            rows.put(state[name], value)
+            rows.store(state[name], value)
         bias1 = (1 - beta1 ** step).unsqueeze(1)
         bias2_sqrt = (1 - beta2 ** step).sqrt().unsqueeze(1)
         denom = (exp_avg_sq.sqrt() / bias2_sqrt).add_(group["eps"])
-        rows.put(param, w.sub_((exp_avg / denom).div_(bias1).mul_(lr)))
+        rows.store(param, w.sub_((exp_avg / denom).div_(bias1).mul_(lr)))
 
 
 # Row-wise counterpart of each supported torch optimizer (AdamW is a subclass of Adam).

@@ -5,7 +5,8 @@ every rank, samples this rank's centres (every positive in the global batch plus
 `rate`), computes cosine logits against them, applies the margin and reduces the softmax across ranks. With
 `sparse_update` (the default) the centres' gradient is a sparse tensor holding only the sampled rows, which the
 optimizer from `arcface.engine.optim.build_optimizer` applies row-wise: unsampled centres and their optimizer state
-stay untouched, and no dense (C, D) gradient ever exists.
+stay untouched, and no dense (C, D) gradient ever exists. With `storage_dtype="bfloat16"` the centres (and so their
+optimizer state) take half the memory; the sampled rows are computed on, and updated, in float32.
 """
 from __future__ import annotations
 
@@ -19,6 +20,9 @@ from arcface.heads.sharding import positive_mask, sample_centres, shard_range
 from arcface.heads.softmax import sharded_cross_entropy
 from arcface.precision import dtype_named
 
+STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # what `storage_dtype` may name
+_INIT_ROWS = 1 << 16
+
 
 class _SampledCosine(torch.autograd.Function):
     """Cosines between unit embeddings and rows `index` of `weight`, with the matmuls in `dtype`.
@@ -26,7 +30,8 @@ class _SampledCosine(torch.autograd.Function):
     The row normalisation is folded into the gradient, d cos_ij / d w_j = e_i / |w_j| - cos_ij * w_j / |w_j|^2,
     so no normalised copy of the rows exists, and the backward turns the one gathered copy of the sampled rows
     into their gradient in place: memory beyond the centres is one (sampled rows, D) buffer.
-    The gradient for `weight` is a sparse tensor of just the sampled rows.
+    The gradient for `weight` is a sparse tensor of just the sampled rows, summed in float32 at least and stored in
+    the weight's dtype.
     """
 
     @staticmethod
@@ -49,16 +54,20 @@ class _SampledCosine(torch.autograd.Function):
         ctx.rows = None
         scaled = grad * inv_norm
         grad_embeddings = (scaled.to(ctx.dtype) @ rows.to(ctx.dtype)).to(embeddings.dtype)
+        acc = torch.promote_types(weight.dtype, torch.float32)  # bfloat16 centres: their gradient sums in float32
         # Negated here, on a vector, rather than on the (rows, D) product: one pass less over the rows.
-        neg_radial = (grad * cosine).sum(0).mul_(inv_norm.square()).neg_().unsqueeze(1).to(weight.dtype)
+        neg_radial = (grad * cosine).sum(0).mul_(inv_norm.square()).neg_().unsqueeze(1).to(acc)
         # grad_rows = scaled^T e - radial * rows, written over our copy of the rows (their last use was above).
-        grad_rows = torch.mul(weight, neg_radial) if ctx.every_row else rows.mul_(neg_radial)
-        if ctx.dtype == weight.dtype:
+        if ctx.every_row:
+            grad_rows = torch.mul(weight, neg_radial)
+        else:
+            grad_rows = rows.mul_(neg_radial) if rows.dtype == acc else rows.to(acc).mul_(neg_radial)
+        if ctx.dtype == acc:
             grad_rows.addmm_(scaled.T, embeddings.to(ctx.dtype))
         else:
-            grad_rows += (scaled.T.to(ctx.dtype) @ embeddings.to(ctx.dtype)).to(weight.dtype)
-        grad_weight = torch.sparse_coo_tensor(index.unsqueeze(0), grad_rows, weight.shape, is_coalesced=True,
-                                              check_invariants=False)
+            grad_rows += (scaled.T.to(ctx.dtype) @ embeddings.to(ctx.dtype)).to(acc)
+        grad_weight = torch.sparse_coo_tensor(index.unsqueeze(0), grad_rows.to(weight.dtype), weight.shape,
+                                              is_coalesced=True, check_invariants=False)
         return grad_embeddings, grad_weight, None, None
 
 
@@ -70,13 +79,24 @@ class PartialFC(nn.Module):
         run in float32.
     sparse_update: False computes the logits as the reference does (plain autograd through the gathered,
         normalised centres), so their gradient is dense over all rows; kept to measure against.
+    storage_dtype: "float32" or "bfloat16", the dtype the centres and their optimizer state are kept in. bfloat16
+        halves their memory; the sampled rows are computed on in float32 at least and the row-wise optimizer
+        rounds their updates back stochastically, so it needs sparse_update.
     """
 
     def __init__(self, margin: nn.Module, embedding_size: int, num_classes: int, rate: float = 1.0,
-                 logits_dtype: str = "float32", sparse_update: bool = True):
+                 logits_dtype: str = "float32", sparse_update: bool = True, storage_dtype: str = "float32"):
         super().__init__()
         if not 0.0 <= rate <= 1.0:
             raise UserError(f"pfc.rate={rate} is not a fraction: set pfc.rate between 0 and 1")
+        if storage_dtype not in STORAGE_DTYPES:
+            raise UserError(f"pfc.storage_dtype={storage_dtype!r} is unknown: set pfc.storage_dtype to one of "
+                            f"{', '.join(STORAGE_DTYPES)}")
+        storage = STORAGE_DTYPES[storage_dtype]
+        if storage != torch.float32 and not sparse_update:
+            raise UserError(f"pfc.storage_dtype={storage_dtype} needs the row-wise optimizer, which rounds updates "
+                            f"stochastically (a dense torch optimizer would round small updates away): set "
+                            f"pfc.sparse_update=true or pfc.storage_dtype=float32")
         self.margin = margin
         self.embedding_size = embedding_size
         self.num_classes = num_classes
@@ -88,7 +108,10 @@ class PartialFC(nn.Module):
         # Seeded per shard, so shards start different even when every rank runs with the same seed.
         self._seed = torch.initial_seed() + self.class_start
         init = torch.Generator().manual_seed(self._seed)
-        self.weight = nn.Parameter(torch.normal(0.0, 0.01, (self.num_local, embedding_size), generator=init))
+        self.weight = nn.Parameter(torch.empty((self.num_local, embedding_size), dtype=storage))
+        # Drawn in blocks (the same values as one draw), so bfloat16 centres never exist as a float32 copy.
+        for block in self.weight.data.split(_INIT_ROWS):
+            block.copy_(torch.normal(0.0, 0.01, block.shape, generator=init))
         self._sampler: torch.Generator | None = None
         # True: take the paths that never wait for the device (fixed-size sampling, no label range check) also on
         # the CPU, to check them where there is no GPU; None (default): only on a GPU, where each wait costs.
@@ -180,4 +203,4 @@ class PartialFC(nn.Module):
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, shard=[{self.class_start}, {self.class_start + self.num_local}), "
                 f"rate={self.rate}, logits_dtype={self.logits_dtype}, "
-                f"sparse_update={self.sparse_update}")
+                f"sparse_update={self.sparse_update}, storage_dtype={self.weight.dtype}")
