@@ -23,7 +23,15 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from PIL import Image
 
+from arcface.data import SyntheticIdentities
+from arcface.data.decode import encode_jpeg
+from arcface.data.loader import build_loader
+from arcface.data.recordio import InsightFaceWriter
 from arcface.distributed import DistEnv
+from arcface.engine.optim import build_optimizer
+from arcface.engine.schedule import PolynomialWarmup
+from arcface.engine.trainer import Trainer
+from arcface.heads import CombinedMargin, PartialFC
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
@@ -64,7 +72,7 @@ def run_train(args: list[str], workdir: Path, timeout: int = 300) -> subprocess.
 
 def train_here(args: list[str], workdir: Path) -> subprocess.CompletedProcess:
     """`arcface-train ARGS` in this process, outputs under `workdir`: Hydra composes the config, sets up logging and
-    the run dir, and `main` prints its one-line errors, exactly as in a process of its own. Returns what that process
+    the run dir, and `main` prints its one-line errors, as in a process of its own. Returns what that process
     would have: the exit status (2 for a UserError, 1 for Hydra's own errors), stdout (the log) and stderr.
 
     What the run changes in this process is put back: working directory, environment (the MLflow tracker sets
@@ -148,13 +156,6 @@ def tiny_trainer(output_dir: Path, *, head=None, steps: int = 4, val_sets=None, 
 
     `head`: a factory of the classifier (default: Partial FC with ArcFace); `options`: TrainerOptions fields on top
     of conf/train.yaml's (save_every=0 and log_every=1 unless given)."""
-    from arcface.data import SyntheticIdentities
-    from arcface.data.loader import build_loader
-    from arcface.engine.optim import build_optimizer
-    from arcface.engine.schedule import PolynomialWarmup
-    from arcface.engine.trainer import Trainer
-    from arcface.heads import CombinedMargin, PartialFC
-
     torch.manual_seed(0)
     data = SyntheticIdentities(num_classes=8, images_per_class=4, image_size=16)
     backbone = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 16))
@@ -166,12 +167,6 @@ def tiny_trainer(output_dir: Path, *, head=None, steps: int = 4, val_sets=None, 
 
 
 # --- image data on disk -------------------------------------------------------------------------------------
-
-def random_images(count: int, size: int = 112, seed: int = 0):
-    """`count` random RGB images (uint8 HxWx3), the same for the same seed."""
-    rng = np.random.default_rng(seed)
-    return [rng.integers(0, 255, (size, size, 3), dtype=np.uint8) for _ in range(count)]
-
 
 def write_image_folders(root: Path, sizes: dict[str, list[int]], seed: int = 0) -> Path:
     """One folder per identity under `root` with PNGs 0.png, 1.png, ... of the given square sizes."""
@@ -193,10 +188,8 @@ def copy_rec(source: Path, destination: Path) -> Path:
 
 def write_rec(folder: Path, labels: list[int], seed: int = 0) -> Path:
     """train.rec/train.idx in the InsightFace layout: one random 112x112 JPEG per label (labels grouped, 0, 1, ...)."""
-    from arcface.data.decode import encode_jpeg
-    from arcface.data.recordio import InsightFaceWriter
-
+    rng = np.random.default_rng(seed)
     with InsightFaceWriter(folder / "train.rec", folder / "train.idx") as writer:
-        for label, image in zip(labels, random_images(len(labels), seed=seed)):
-            writer.add(label, encode_jpeg(image))
+        for label in labels:
+            writer.add(label, encode_jpeg(rng.integers(0, 255, (112, 112, 3), dtype=np.uint8)))
     return folder
