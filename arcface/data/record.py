@@ -22,12 +22,12 @@ class RecordDataset(EncodedImageDataset):
     `arcface.data.loader.build_loader`).
     """
 
-    def __init__(self, root: str, num_classes: int, *, rec: str = "train.rec", idx: str = "train.idx",
+    def __init__(self, root: str, num_classes: int | None, *, rec: str = "train.rec", idx: str = "train.idx",
                  image_size: int = 112, loader: str = "torch"):
         if not os.path.isdir(root):
             raise UserError(f"dataset.root {root} is not a folder: point it at the folder holding {rec} and {idx}.")
         self.root = root
-        self.num_classes = int(num_classes)
+        self.num_classes = None if num_classes is None else int(num_classes)  # None: counted from the file
         self.image_size = image_size
         self.loader = loader
         self.reader = RecordReader(os.path.join(root, rec), os.path.join(root, idx))
@@ -48,6 +48,9 @@ class RecordDataset(EncodedImageDataset):
         else:
             check_labels(self.reader, self.keys, labels)
             found, what = int(labels.max()) + 1, "labels"
+        if self.num_classes is None:
+            self.num_classes = found
+            return
         check_num_classes(found, self.num_classes, f"{self.reader.rec_path} has {found} classes (from its {what})")
 
     def __len__(self) -> int:
