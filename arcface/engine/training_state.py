@@ -4,25 +4,38 @@
 independently of the world size so a run resumes on any number of ranks. The previous `keep - 1` states are kept as
 `checkpoint.1.pt` (the one before), `checkpoint.2.pt`, ..., so a corrupt newest file costs one save interval, not
 the run. Every file is read with `weights_only=True`: loading a checkpoint never runs code from it.
+
+The classifier's rows are not in `checkpoint.pt`: every rank writes its own into a directory beside it,
+`classifier.<step>.<random>/` (`arcface.heads.fc_state.save_fc_shards`), whose name the checkpoint records. The
+directory is written under a hidden temporary name and renamed once complete, before `checkpoint.pt` is replaced,
+so the rename of `checkpoint.pt` is the one moment a save takes effect; rotating renames only the `.pt` files, and
+a directory no kept checkpoint names is deleted after each save. Checkpoints written before this layout (rows
+gathered inside `checkpoint.pt`) still load.
 """
 from __future__ import annotations
 
 import logging
 import os
+import secrets
+import shutil
 from pathlib import Path
 
 import torch
 
+from arcface.distributed import broadcast_object, get_rank
 from arcface.errors import UserError
-from arcface.fileio import atomic_write, remove_stale_temporaries
-from arcface.heads.fc_state import load_fc_state, save_fc_state
+from arcface.fileio import atomic_write, fsync_path, remove_stale_temporaries
+from arcface.heads.fc_state import (SHARDED_FORMAT, gathered_fc_state, load_fc_state, save_fc_shards,
+                                    saved_shards_complete)
 from arcface.models.weights import load_backbone_weights
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "checkpoint.pt"
-TRAINING_FORMAT = "arcface.train/2"
-_READABLE_FORMATS = ("arcface.train/1", TRAINING_FORMAT)  # /1 lacks the random streams and the tracking run id
+TRAINING_FORMAT = "arcface.train/3"
+# /1 lacks the random streams and the tracking run id; /1 and /2 hold the classifier's rows gathered in the file.
+_READABLE_FORMATS = ("arcface.train/1", "arcface.train/2", TRAINING_FORMAT)
+SHARDS_PREFIX = "classifier."
 _REQUIRED = ("step", "global_batch", "backbone", "optimizer", "scaler", "fc")
 
 
@@ -68,16 +81,26 @@ def _rotate(run_dir: Path, keep: int) -> None:
 
 def save_training_state(run_dir: str | Path, keep: int, *, backbone: torch.nn.Module, head: torch.nn.Module,
                         optimizer, scaler, step: int, global_batch: int, extra: dict) -> Path | None:
-    """Everything needed to resume, in one file that any world size can load. Collective: every rank calls it.
+    """Everything needed to resume, in a file and a directory that any world size can load. Collective: every rank
+    calls it.
 
-    The backbone and its optimizer state are replicated, so rank 0's copy is the whole; the classifier's rows and
-    their optimizer state are gathered from every rank (`save_fc_state`). `extra` holds the rest of the trainer's
-    state (random streams, data position, tracking run). Returns the path on rank 0, None elsewhere.
+    The backbone and its optimizer state are replicated, so rank 0's copy is the whole; each rank writes its own
+    rows of the classifier and their optimizer state into the shards directory. `extra` holds the rest of the
+    trainer's state (random streams, data position, tracking run). Returns the path on rank 0, None elsewhere.
     """
-    fc = save_fc_state(head, optimizer)
-    if fc is None:  # not rank 0
-        return None
     run_dir = Path(run_dir)
+    name = None
+    if get_rank() == 0:
+        name = f"{SHARDS_PREFIX}{step}.{secrets.token_hex(4)}"
+        (run_dir / f".{name}.tmp").mkdir(parents=True)
+    name = broadcast_object(name)
+    temporary = run_dir / f".{name}.tmp"
+    fc = save_fc_shards(head, optimizer, temporary)
+    if get_rank() != 0:
+        return None
+    fsync_path(temporary)
+    os.replace(temporary, run_dir / name)
+    fsync_path(run_dir)
     state = {
         "format": TRAINING_FORMAT,
         "step": step,
@@ -85,13 +108,32 @@ def save_training_state(run_dir: str | Path, keep: int, *, backbone: torch.nn.Mo
         "backbone": _cpu_state(backbone),
         "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict(),
-        "fc": fc,
+        "fc": {**fc, "shards": name},
         **extra,
     }
     path = run_dir / CHECKPOINT_NAME
     with atomic_write(path, before_replace=lambda: _rotate(run_dir, keep)) as f:
         torch.save(state, f)
+    _remove_unnamed_shards(run_dir)
     return path
+
+
+def _shards_dir(path: Path, fc: dict) -> Path | None:
+    """The classifier shards directory a checkpoint names (beside it); None for the gathered layout."""
+    return path.parent / fc["shards"] if fc.get("format") == SHARDED_FORMAT else None
+
+
+def _remove_unnamed_shards(run_dir: Path) -> None:
+    """Delete the shards directories that no readable checkpoint in `run_dir` names, and stale temporaries."""
+    named = set()
+    for path in [run_dir / CHECKPOINT_NAME, *_older_checkpoints(run_dir)]:
+        try:
+            named.add(torch.load(path, map_location="cpu", mmap=True, weights_only=True)["fc"].get("shards"))
+        except Exception:  # missing or unreadable: names nothing that could be resumed from
+            continue
+    for folder in [*run_dir.glob(f"{SHARDS_PREFIX}*"), *run_dir.glob(f".{SHARDS_PREFIX}*.tmp")]:
+        if folder.is_dir() and folder.name not in named:
+            shutil.rmtree(folder)
 
 
 def read_training_state(path: str | Path) -> dict:
@@ -114,7 +156,20 @@ def read_training_state(path: str | Path) -> dict:
     if missing:
         raise UserError(f"{path} lacks {', '.join(missing)}: it is damaged; resume from an older checkpoint "
                         f"(checkpoint.1.pt beside it) or start afresh with trainer.resume=null")
+    shards = _shards_dir(path, state["fc"]) if isinstance(state["fc"], dict) else None
+    if shards is not None and not saved_shards_complete(shards):
+        raise UserError(f"{path} keeps its classifier in {shards}, which is missing or incomplete: copy that "
+                        f"directory beside the checkpoint, or resume from an older checkpoint (checkpoint.1.pt "
+                        f"beside it)")
     return state
+
+
+def read_classifier(path: str | Path) -> dict:
+    """The classifier state of a training checkpoint with every row in full tensors (`weight`, `optimizer_rows`),
+    from either layout, in this process: for inspecting a checkpoint, not for resuming."""
+    path = Path(path)
+    state = read_training_state(path)
+    return gathered_fc_state(state["fc"], _shards_dir(path, state["fc"]))
 
 
 def newest_readable(run_dir: str | Path) -> tuple[Path | None, list[str]]:
@@ -150,7 +205,7 @@ def load_training_state(path: str | Path, *, backbone: torch.nn.Module, backbone
     except (ValueError, KeyError) as exc:
         raise UserError(f"{path} holds the state of another optimizer ({exc}): resume with the optimizer it was "
                         f"trained with (optimizer=...)") from None
-    load_fc_state(head, optimizer, state["fc"])
+    load_fc_state(head, optimizer, state["fc"], _shards_dir(path, state["fc"]))
     if state["scaler"]:  # empty when the run was saved without fp16 loss scaling
         scaler.load_state_dict(state["scaler"])
     return state
