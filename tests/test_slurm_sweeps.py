@@ -38,7 +38,7 @@ def _runs(uri: str, experiment_name: str):
     experiment_id = client.get_experiment_by_name(experiment_name).experiment_id
     runs = client.search_runs([experiment_id])
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    children = {r.info.run_name: r for r in runs if "mlflow.parentRunId" in r.data.tags}
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     return client, experiment_id, parents, children
 
 
@@ -53,8 +53,9 @@ def test_sweep_of_two_rank_jobs_logs_to_a_server(slurm_cluster, mlflow_server, t
     client, experiment_id, parents, children = _runs(mlflow_server, tmp_path.name)
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert parents[0].data.tags["arcface.launcher"] == "SlurmLauncher"
-    assert sorted(children) == ["synthetic_r_tiny_pfc0.5", "synthetic_r_tiny_pfc1.0"]
-    for run in children.values():
+    names = sorted(r.info.run_name for r in children)
+    assert names == ["synthetic_r_tiny_pfc0.5", "synthetic_r_tiny_pfc1.0"]
+    for run in children:
         tags, params = run.data.tags, run.data.params
         assert run.info.status == "FINISHED"
         assert tags["world_size"] == "2" and tags["hydra.choice.cluster"] == "slurm"
@@ -66,7 +67,7 @@ def test_sweep_of_two_rank_jobs_logs_to_a_server(slurm_cluster, mlflow_server, t
         assert (job / ".hydra" / "config.yaml").is_file() and (job / "checkpoint.pt").is_file()
         assert "step 3/3" in (job / "train.log").read_text()
         assert (job / "rank1.log").is_file() and "step 3/3" not in (job / "rank1.log").read_text()
-    _check_ui(mlflow_server, experiment_id, [r.info.run_id for r in children.values()], list(children), tmp_path)
+    _check_ui(mlflow_server, experiment_id, [r.info.run_id for r in children], names, tmp_path)
 
 
 def _check_ui(uri: str, experiment_id: str, run_ids: list[str], names: list[str], tmp_path: Path) -> None:
@@ -149,7 +150,7 @@ def test_signalled_jobs_are_requeued_and_continue_until_requeues_run_out(slurm_c
     client, _, parents, children = _runs(mlflow_server, tmp_path.name)
     assert len(parents) == 1 and parents[0].info.status == "FAILED"
     assert len(children) == 2  # one MLflow run per job, across its requeue
-    by_steps = {run.data.params["trainer.max_steps"]: run for run in children.values()}
+    by_steps = {run.data.params["trainer.max_steps"]: run for run in children}
     assert by_steps[str(total)].info.status == "FINISHED"
     steps = [m.step for m in client.get_metric_history(by_steps[str(total)].info.run_id, "loss")]
     assert sorted(steps) == list(range(1, total + 1))  # each step once, across the requeue
