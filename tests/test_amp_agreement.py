@@ -10,7 +10,12 @@ from arcface.engine.optim import RowSparseOptimizer
 from arcface.testing import spawn_gloo
 
 
-def _step_with_inf_on_rank_1(rank: int, world_size: int, out_dir, agree: bool) -> None:
+def _steps_with_inf_on_rank_1(rank: int, world_size: int, out_dir) -> None:
+    for agree in (True, False):  # one group for both cases: each spawn costs seconds
+        _step_with_inf_on_rank_1(rank, out_dir / f"agree{agree}", agree)
+
+
+def _step_with_inf_on_rank_1(rank: int, out_dir, agree: bool) -> None:
     backbone = torch.nn.Parameter(torch.ones(4))
     centres = torch.nn.Parameter(torch.ones(6, 2))  # this rank's shard of class centres
     optimizer = RowSparseOptimizer(torch.optim.SGD([backbone], lr=0.1), [centres])
@@ -31,10 +36,18 @@ def _step_with_inf_on_rank_1(rank: int, world_size: int, out_dir, agree: bool) -
                out_dir / f"rank{rank}.pt")
 
 
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("amp")
+    for agree in (True, False):
+        (out / f"agree{agree}").mkdir()
+    spawn_gloo(_steps_with_inf_on_rank_1, 2, out)
+    return out
+
+
 @pytest.mark.parametrize("agree", [True, False])
-def test_overflow_on_one_rank_skips_the_step_everywhere(tmp_path, agree):
-    spawn_gloo(_step_with_inf_on_rank_1, 2, tmp_path, agree)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+def test_overflow_on_one_rank_skips_the_step_everywhere(results, agree):
+    ranks = [torch.load(results / f"agree{agree}" / f"rank{r}.pt") for r in range(2)]
     if agree:
         for state in ranks:
             assert state["scale"] == 512.0
