@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import sys
 import time
 
@@ -22,6 +21,7 @@ import torch
 from arcface.models import create_backbone
 from arcface.models.profiling import PeakMemory
 from arcface.precision import PRECISIONS
+from benchmarks.machine import describe
 
 VARIANTS = {  # name: backbone options
     "plain": {},
@@ -85,18 +85,6 @@ def measure(name: str, variants: list[str], args, device: torch.device) -> dict[
     return rows
 
 
-def machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("names", nargs="*", default=["r18", "r50", "mbf", "vit_t"], metavar="NAME")
@@ -125,8 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         header = [
             "# Backbone benchmark",
             "",
-            f"Command: `python benchmarks/{os.path.basename(__file__)} {' '.join(argv or sys.argv[1:])}`  ",
-            f"Machine: {machine(device)}; torch {torch.__version__}; precision {args.precision}; "
+            f"Command: `python tools/benchmark.py backbones {' '.join(argv or sys.argv[1:])}`  ",
+            f"Machine: {describe(device)}; torch {torch.__version__}; precision {args.precision}; "
             f"batch {args.batch}; best of {args.iters} rounds, variants timed in turns  ",
             f"Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; "
             f"load average at the end (1/5/15 min): {load}",

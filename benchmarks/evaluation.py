@@ -35,6 +35,7 @@ import torch
 from arcface.evaluation.ijb import read_pairs, score_pairs, template_features
 from arcface.evaluation.roc import FARS, roc_curve
 from arcface.evaluation.verification import THRESHOLDS, verification_scores
+from benchmarks.machine import describe
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MIB = 1 << 20
@@ -180,14 +181,8 @@ def ijb(args) -> dict:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return (f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads; {platform.platform()}, "
-            f"Python {platform.python_version()}, numpy {np.__version__}, torch {torch.__version__}")
+    return (f"{describe()}; {platform.platform()}, Python {platform.python_version()}, numpy {np.__version__}, "
+            f"torch {torch.__version__}")
 
 
 def markdown(result: dict, command: str) -> str:
