@@ -13,7 +13,7 @@ from arcface.config_checks import check_config
 from arcface.engine.optim import adam_rows, build_optimizer, sgd_rows
 from arcface.engine.rounding import round_stochastic
 from arcface.errors import UserError
-from arcface.heads import CombinedMargin, PartialFC
+from arcface.heads import CombinedMargin, PartialFC, partial_fc
 from arcface.train import CONF_DIR
 
 ROWS, D, STEPS, LR = 64, 256, 400, 1e-4
@@ -146,3 +146,27 @@ def test_bad_storage_settings_are_one_sentence():
         with pytest.raises(UserError, match=r"^pfc.storage_dtype=half is unknown: set pfc.storage_dtype to one of "
                                             r"float32, bfloat16$"):
             check_config(compose("train", overrides=["pfc.storage_dtype=half"]))
+
+
+@pytest.mark.parametrize("rate", [1.0, 0.5])
+def test_bfloat16_rows_widened_in_blocks_give_float32_gradients(rate, monkeypatch):
+    """The bfloat16 path (rows widened a few at a time) computes what float32 storage computes from the same values."""
+    monkeypatch.setattr(partial_fc, "_WIDEN_ROWS", 16)  # several blocks, and a ragged last one
+    torch.manual_seed(6)
+    head16 = PartialFC(CombinedMargin(s=16, m2=0.3), 24, 150, rate=rate, storage_dtype="bfloat16")
+    torch.manual_seed(6)
+    head32 = PartialFC(CombinedMargin(s=16, m2=0.3), 24, 150, rate=rate)
+    with torch.no_grad():
+        head32.weight.copy_(head16.weight)  # the same (bfloat16-representable) centres
+    x, labels = torch.randn(20, 24), torch.randint(0, 150, (20,))
+    grads = []
+    for head in (head16, head32):
+        emb = x.clone().requires_grad_()
+        loss = head(emb, labels)
+        loss.backward()
+        grads.append((loss.detach(), emb.grad, head.weight.grad.coalesce()))
+    (loss16, emb16, w16), (loss32, emb32, w32) = grads
+    torch.testing.assert_close(loss16, loss32, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(emb16, emb32, rtol=1e-4, atol=1e-6)
+    assert torch.equal(w16.indices(), w32.indices()) and w16.dtype == torch.bfloat16
+    torch.testing.assert_close(w16.values().float(), w32.values(), rtol=2 ** -8, atol=1e-7)  # bfloat16 rounding

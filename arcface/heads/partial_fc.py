@@ -22,6 +22,7 @@ from arcface.precision import dtype_named
 
 STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # what `storage_dtype` may name
 _INIT_ROWS = 1 << 16
+_WIDEN_ROWS = 1 << 14  # bfloat16 rows widened to float32 at a time: 32 MiB at D = 512
 
 
 class _SampledCosine(torch.autograd.Function):
@@ -30,16 +31,20 @@ class _SampledCosine(torch.autograd.Function):
     The row normalisation is folded into the gradient, d cos_ij / d w_j = e_i / |w_j| - cos_ij * w_j / |w_j|^2,
     so no normalised copy of the rows exists, and the backward turns the one gathered copy of the sampled rows
     into their gradient in place: memory beyond the centres is one (sampled rows, D) buffer.
-    The gradient for `weight` is a sparse tensor of just the sampled rows, summed in float32 at least and stored in
-    the weight's dtype.
+    The gradient for `weight` is a sparse tensor of just the sampled rows, stored in the weight's dtype. bfloat16
+    rows are widened to float32 a block at a time (`_narrow_forward`, `_narrow_backward`), so that buffer stays in
+    bfloat16 and no float32 copy of all sampled rows exists.
     """
 
     @staticmethod
     def forward(ctx, embeddings, weight, index, dtype):
         every_row = index.numel() == weight.shape[0]  # index is sorted and unique
         rows = weight if every_row else weight.index_select(0, index)
-        inv_norm = rows.float().norm(dim=1).clamp_min_(1e-12).reciprocal_()
-        cosine = (embeddings.to(dtype) @ rows.to(dtype).T).float().mul_(inv_norm)
+        if rows.dtype == torch.float32:
+            inv_norm = rows.norm(dim=1).clamp_min_(1e-12).reciprocal_()
+            cosine = (embeddings.to(dtype) @ rows.to(dtype).T).float().mul_(inv_norm)
+        else:
+            inv_norm, cosine = _narrow_forward(embeddings, rows, dtype)
         ctx.save_for_backward(embeddings, weight, index, inv_norm, cosine)
         ctx.rows = None if every_row else rows  # a private copy: the backward may overwrite it
         ctx.dtype, ctx.every_row = dtype, every_row
@@ -53,22 +58,58 @@ class _SampledCosine(torch.autograd.Function):
         rows = weight if ctx.every_row else ctx.rows
         ctx.rows = None
         scaled = grad * inv_norm
-        grad_embeddings = (scaled.to(ctx.dtype) @ rows.to(ctx.dtype)).to(embeddings.dtype)
-        acc = torch.promote_types(weight.dtype, torch.float32)  # bfloat16 centres: their gradient sums in float32
         # Negated here, on a vector, rather than on the (rows, D) product: one pass less over the rows.
-        neg_radial = (grad * cosine).sum(0).mul_(inv_norm.square()).neg_().unsqueeze(1).to(acc)
-        # grad_rows = scaled^T e - radial * rows, written over our copy of the rows (their last use was above).
-        if ctx.every_row:
-            grad_rows = torch.mul(weight, neg_radial)
+        neg_radial = (grad * cosine).sum(0).mul_(inv_norm.square()).neg_().unsqueeze(1)
+        if weight.dtype != torch.float32:
+            out = torch.empty_like(weight) if ctx.every_row else rows
+            grad_embeddings, grad_rows = _narrow_backward(scaled, embeddings, rows, neg_radial, ctx.dtype, out)
         else:
-            grad_rows = rows.mul_(neg_radial) if rows.dtype == acc else rows.to(acc).mul_(neg_radial)
-        if ctx.dtype == acc:
-            grad_rows.addmm_(scaled.T, embeddings.to(ctx.dtype))
-        else:
-            grad_rows += (scaled.T.to(ctx.dtype) @ embeddings.to(ctx.dtype)).to(acc)
-        grad_weight = torch.sparse_coo_tensor(index.unsqueeze(0), grad_rows.to(weight.dtype), weight.shape,
-                                              is_coalesced=True, check_invariants=False)
+            grad_embeddings = (scaled.to(ctx.dtype) @ rows.to(ctx.dtype)).to(embeddings.dtype)
+            # grad_rows = scaled^T e - radial * rows, written over our copy of the rows (their last use was above).
+            grad_rows = torch.mul(weight, neg_radial) if ctx.every_row else rows.mul_(neg_radial)
+            if ctx.dtype == weight.dtype:
+                grad_rows.addmm_(scaled.T, embeddings.to(ctx.dtype))
+            else:
+                grad_rows += (scaled.T.to(ctx.dtype) @ embeddings.to(ctx.dtype)).to(weight.dtype)
+        grad_weight = torch.sparse_coo_tensor(index.unsqueeze(0), grad_rows, weight.shape, is_coalesced=True,
+                                              check_invariants=False)
         return grad_embeddings, grad_weight, None, None
+
+
+def _widened(rows: torch.Tensor):
+    """(block, float32 copy of rows[block]) over `rows` in blocks of `_WIDEN_ROWS`."""
+    for start in range(0, rows.shape[0], _WIDEN_ROWS):
+        block = slice(start, start + _WIDEN_ROWS)
+        yield block, rows[block].float()
+
+
+def _narrow_forward(embeddings, rows, dtype):
+    """`_SampledCosine.forward`'s inverse norms and cosines for bfloat16 rows, widened a block at a time."""
+    inv_norm = torch.empty(rows.shape[0], device=rows.device)
+    cosine = torch.empty(embeddings.shape[0], rows.shape[0], device=rows.device)
+    unit = embeddings.to(dtype)
+    for block, wide in _widened(rows):
+        inv_norm[block] = wide.norm(dim=1)
+        cosine[:, block] = unit @ wide.to(dtype).T
+    inv_norm.clamp_min_(1e-12).reciprocal_()
+    return inv_norm, cosine.mul_(inv_norm)
+
+
+def _narrow_backward(scaled, embeddings, rows, neg_radial, dtype, out):
+    """`_SampledCosine.backward` for bfloat16 rows: each block's row gradient summed in float32, then stored into
+    `out` (bfloat16; our private copy of the rows, whose block was read just before)."""
+    grad_embeddings = torch.zeros(embeddings.shape, device=embeddings.device)
+    unit = embeddings.to(dtype)
+    for block, wide in _widened(rows):
+        part = scaled[:, block]
+        grad_embeddings += (part.to(dtype) @ wide.to(dtype)).float()
+        grad_block = wide.mul_(neg_radial[block])
+        if dtype == torch.float32:
+            grad_block.addmm_(part.T, unit)
+        else:
+            grad_block += (part.T.to(dtype) @ unit).float()
+        out[block] = grad_block
+    return grad_embeddings.to(embeddings.dtype), out
 
 
 class PartialFC(nn.Module):
