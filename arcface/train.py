@@ -144,7 +144,9 @@ def train(cfg: DictConfig, stop_request: StopRequest) -> str | None:
     dataset = instantiate(cfg.dataset.train)
     _count_classes(cfg, dataset)
     pair_sets = selected_pair_sets(OmegaConf.select(cfg, "dataset.val"), HydraConfig.get().overrides.task)
-    val_sets = {name: instantiate(node) for name, node in pair_sets.items()} if env.is_main else {}
+    verifies = cfg.trainer.verify_at_start or cfg.trainer.verify_at_end or cfg.trainer.verify_every > 0
+    # Pair sets cost time to load or render: only rank 0 verifies, and only when a verification is switched on.
+    val_sets = {name: instantiate(node) for name, node in pair_sets.items()} if env.is_main and verifies else {}
     backbone = instantiate(cfg.backbone).to(env.device)
     head = instantiate(cfg.pfc, margin=instantiate(cfg.margin)).to(env.device)
     optimizer = build_optimizer(instantiate(cfg.optimizer), backbone, head)
