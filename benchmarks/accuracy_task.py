@@ -40,8 +40,8 @@ class World:
     nuisance: int = 16         # dimensions of nuisance (pose, lighting): same distribution for every identity
     hidden: int = 128          # the renderer's hidden width
     observed: int = 64         # dimensions of a sample
-    variation: float = 0.8     # intra-class spread in latent units (identities spread with std 1)
-    nuisance_scale: float = 2.0
+    variation: float = 0.6     # intra-class spread in latent units (identities spread with std 1)
+    nuisance_scale: float = 1.0
     noise: float = 0.3         # sensor noise added to the rendered sample
     seed: int = 0
 
@@ -50,15 +50,15 @@ class World:
 class Setup:
     """Sizes of one benchmark run; `quick()` is the --quick one."""
 
-    train_identities: int = 12_000
+    train_identities: int = 10_000
     samples_per_identity: int = 8
     held_out_identities: int = 2_000
     held_out_pairs: int = 6_000
     embedding_size: int = 128
     width: int = 256
     batch_size: int = 256
-    epochs: float = 6.0
-    probes: int = 5            # held-out verifications over training (the last one is the final result)
+    epochs: float = 2.0
+    probes: int = 4            # held-out verifications over training (the last one is the final result)
     world: World = World()
 
     @property
@@ -67,7 +67,7 @@ class Setup:
 
     @classmethod
     def quick(cls) -> "Setup":
-        return cls(train_identities=2_000, held_out_identities=1_000, held_out_pairs=3_000, epochs=4.0, probes=2)
+        return cls(train_identities=2_000, held_out_identities=1_000, held_out_pairs=3_000, probes=2)
 
     @classmethod
     def tiny(cls) -> "Setup":

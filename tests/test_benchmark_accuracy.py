@@ -1,0 +1,92 @@
+"""The accuracy benchmark end to end at smoke size (JSON, PNG, RESULTS.md section, MLflow sweep), the RESULTS.md
+section it rewrites, and every backbone family's demo preset (a few steps here; learning, in the slow tests)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+
+import pytest
+
+from conftest import REPO, TINY, train_here
+
+_spec = importlib.util.spec_from_file_location("benchmark", REPO / "tools" / "benchmark.py")
+_benchmark = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_benchmark)  # puts the repository on sys.path, for `benchmarks.*`
+
+from benchmarks.accuracy import FAMILIES, SECTION, VARIANTS, update_results_md  # noqa: E402
+
+DEMOS = sorted(FAMILIES.values())
+
+
+def test_smoke_run_writes_every_result(tmp_path):
+    results_md = tmp_path / "RESULTS.md"
+    code = _benchmark.main(["accuracy", "--smoke", "--families", "iresnet", "--out", str(tmp_path / "work"),
+                            "--results", str(tmp_path / "results"), "--results-md", str(results_md)])
+    assert code == 0
+    data = json.loads((tmp_path / "results" / "accuracy_smoke.json").read_text())
+    assert data["kind"] == "smoke" and data["seeds"] == [0]
+    assert list(data["heads"]) == [v.key for v in VARIANTS]
+    for key, head in data["heads"].items():
+        assert 0.0 <= head["accuracy"]["mean"] <= 1.0 and 0.0 <= head["tar_at_far"]["mean"] <= 1.0
+        (run,) = head["runs"]
+        trained = head["overrides"] is not None
+        # A verification before training, then one per probe; the final one is the variant's result.
+        assert [p["step"] for p in run["curve"]] == ([0, 4, 8] if trained else [0]), key
+        assert run["curve"][-1]["accuracy"] == head["accuracy"]["mean"]
+        assert len(run["losses"]) == (2 if trained else 0)
+    family = data["families"]["iresnet"]
+    assert "error" not in family, family
+    assert [p["step"] for p in family["curve"]] == [0, 1, 2] and family["preset"] == "demo"
+    claims = [c["claim"] for c in data["checks"]]
+    assert any("random init" in c for c in claims) and any("iresnet" in c for c in claims)
+    assert all(isinstance(c["passed"], bool) and c["measured"] for c in data["checks"])
+    assert (tmp_path / "results" / "accuracy_smoke.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = results_md.read_text()
+    assert text.count(SECTION) == 1 and "accuracy_smoke.json" in text and "compat=reference" in text
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(data["tracking_uri"])
+    parent = client.get_run(data["mlflow_parent_run"])
+    children = client.search_runs([parent.info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{parent.info.run_id}'", max_results=100)
+    names = {run.info.run_name for run in children}
+    assert {f"{v.key}_seed0" for v in VARIANTS} <= names and len(children) == len(VARIANTS) + 1
+    (family_run,) = [run for run in children if run.info.run_name.startswith("family_iresnet")]
+    assert len(client.get_metric_history(family_run.info.run_id, "synthetic_holdout/acc")) == 3
+
+
+def test_results_md_keeps_the_other_sections(tmp_path):
+    path = tmp_path / "RESULTS.md"
+    path.write_text("# Benchmark results\n\n## Speed\n\nfast\n\n## Accuracy\n\nold numbers\n\n## Memory\n\nsmall\n")
+    update_results_md(path, f"{SECTION}\n\nnew numbers\n")
+    assert path.read_text() == ("# Benchmark results\n\n## Speed\n\nfast\n\n## Accuracy\n\nnew numbers\n\n"
+                                "## Memory\n\nsmall\n")
+    fresh = tmp_path / "fresh.md"
+    update_results_md(fresh, f"{SECTION}\n\nfirst\n")
+    assert fresh.read_text() == "# Benchmark results\n\n## Accuracy\n\nfirst\n"
+
+
+def verification(proc) -> tuple[float, float]:
+    """(random-init, trained) held-out accuracy from the run's last log line about them."""
+    found = re.findall(r"random-init accuracy ([0-9.]+) -> trained accuracy ([0-9.]+)", proc.stdout + proc.stderr)
+    assert found, (proc.stdout + proc.stderr)[-3000:]
+    return tuple(map(float, found[-1]))
+
+
+@pytest.mark.parametrize("preset", DEMOS)
+def test_demo_preset_trains_a_few_steps(preset, tmp_path):
+    tiny = [o for o in TINY if not o.startswith("trainer.verify_at_start=")]
+    proc = train_here([f"experiment={preset}", *tiny, "tracking=none"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    verification(proc)
+
+
+@pytest.mark.slow  # each preset's whole demo: minutes on 2 cores
+@pytest.mark.parametrize("preset", DEMOS)
+def test_demo_preset_learns(preset, tmp_path):
+    proc = train_here([f"experiment={preset}", "tracking=none"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    initial, trained = verification(proc)
+    assert trained > initial + 0.02, (initial, trained)
