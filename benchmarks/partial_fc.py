@@ -6,7 +6,8 @@
 
 One step = forward (all-gather, sampling, logits, margin, sharded softmax) + backward + SGD step (momentum 0.9,
 weight decay 5e-4), on random embeddings of size 512, 128 per rank. The "dense" design is the same maths with the
-centres' gradient dense over all rows, as in the reference (`PartialFC(sparse_update=False)` + torch.optim.SGD).
+centres' gradient dense over all rows, as in the reference (`PartialFC(sparse_update=False)` + torch.optim.SGD);
+"sparse_bf16" is the sparse design with the centres and their momentum stored in bfloat16 (`storage_dtype`).
 Every point runs in a fresh process (a world of 2 is two spawned gloo processes) so peak RSS is that point's alone;
 points run one after another; a point whose memory estimate exceeds the machine (24 GiB) is recorded as not
 fitting, and one that exceeds the memory free at that moment as skipped.
@@ -47,7 +48,8 @@ def estimate_gib(classes: int, rate: float, world: int, design: str) -> float:
     tensors, and ~0.6 GiB of runtime per process."""
     rows = classes / world
     sampled = max(int(rate * rows), BATCH * world)
-    copies = {"sparse": 2 + (rate >= 1), "dense": 4 + 2 * (rate >= 1)}[design]
+    # bfloat16 storage: rows of half the size; its sampled rows and their gradient are bfloat16 too.
+    copies = {"sparse": 2 + (rate >= 1), "sparse_bf16": 1 + (rate >= 1) / 2, "dense": 4 + 2 * (rate >= 1)}[design]
     per_rank = rows * EMBEDDING * 4 * copies + sampled * EMBEDDING * 4 * (rate < 1) + sampled * BATCH * world * 4 * 4
     return world * (per_rank / GIB + 0.6)
 
@@ -55,7 +57,8 @@ def estimate_gib(classes: int, rate: float, world: int, design: str) -> float:
 def _run_steps(classes: int, rate: float, design: str, steps: int) -> dict:
     """Build the head and optimizer in this process (rank of the current group) and time `steps` steps."""
     torch.manual_seed(0)
-    head = PartialFC(CombinedMargin(), EMBEDDING, classes, rate=rate, sparse_update=design == "sparse")
+    head = PartialFC(CombinedMargin(), EMBEDDING, classes, rate=rate, sparse_update=design != "dense",
+                     storage_dtype="bfloat16" if design == "sparse_bf16" else "float32")
     backbone = nn.Linear(EMBEDDING, EMBEDDING, bias=False)
     optimizer = build_optimizer(partial(torch.optim.SGD, lr=0.1, momentum=0.9, weight_decay=5e-4), backbone, head)
     generator = torch.Generator().manual_seed(get_rank())
@@ -156,7 +159,7 @@ def summarise(points: list[dict]) -> dict:
                 "memory_sparse_over_dense": round(p["peak_gib_total"] / dense["peak_gib_total"], 3),
                 "time_sparse_over_dense": round(p["step_s"] / dense["step_s"], 3)}
     largest = {}
-    for design in ("sparse", "dense"):
+    for design in ("sparse", "sparse_bf16", "dense"):
         fits = [c for (c, r, w, d), p in ok.items() if d == design and r < 1 and p["peak_gib_total"] <= 24]
         largest[design] = max(fits, default=None)
     return {"sparse_vs_dense": ratios, "largest_classes_within_24_gib_at_rate_below_1": largest}
@@ -175,7 +178,7 @@ def chart(result: dict, path: Path) -> None:
             series.setdefault((p["design"], p["rate"], p["world"]), []).append(p)
     for (design, rate, world), pts in sorted(series.items()):
         label = f"{design} rate {rate} world {world}"
-        style = "-" if design == "sparse" else "--"
+        style = "--" if design == "dense" else "-"
         marker = "o" if world == 1 else "s"
         xs = [p["classes"] for p in pts]
         ax_time.plot(xs, [p["step_s"] for p in pts], style, marker=marker, label=label)
@@ -214,7 +217,8 @@ def table(result: dict) -> str:
     lines += [f"- {k}: memory {v['memory_sparse_over_dense']}x, step time {v['time_sparse_over_dense']}x"
               for k, v in result["summary"]["sparse_vs_dense"].items()]
     largest = result["summary"]["largest_classes_within_24_gib_at_rate_below_1"]
-    lines += ["", f"Largest C measured within 24 GiB at rate 0.1: sparse {largest['sparse']}, dense {largest['dense']}.",
+    measured = ", ".join(f"{design} {classes}" for design, classes in largest.items() if classes is not None)
+    lines += ["", f"Largest C measured within 24 GiB at rate 0.1: {measured or 'none'}.",
               "", f"![chart]({result.get('chart', 'partial_fc.png')})", ""]
     return "\n".join(lines)
 
@@ -231,7 +235,8 @@ def main() -> None:
     parser.add_argument("--classes", type=int, nargs="+", default=[100_000, 1_000_000, 2_000_000, 4_000_000])
     parser.add_argument("--rates", type=float, nargs="+", default=[1.0, 0.1])
     parser.add_argument("--worlds", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--designs", nargs="+", default=["sparse", "dense"], choices=["sparse", "dense"])
+    parser.add_argument("--designs", nargs="+", default=["sparse", "dense"],
+                        choices=["sparse", "sparse_bf16", "dense"])
     parser.add_argument("--steps", type=int, default=2, help="timed steps per point (after one untimed step)")
     parser.add_argument("--budget-gib", type=float, default=24.0,
                         help="points estimated above this are recorded as not fitting (the machine's memory)")
