@@ -45,7 +45,9 @@ def test_files_follow_the_umask_and_leave_no_temporaries(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "checkpoint.pt").stat().st_mode) == 0o640
-    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+    shards = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["fc"]["shards"]  # the classifier's rows
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", shards]
+    assert stat.S_IMODE((tmp_path / shards).stat().st_mode) == 0o750
 
 
 def test_newest_readable_falls_back_past_a_corrupt_newest(tmp_path):

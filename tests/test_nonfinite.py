@@ -7,7 +7,7 @@ from functools import partial
 import pytest
 import torch
 
-from arcface.engine.training_state import read_training_state
+from arcface.engine.training_state import read_classifier, read_training_state
 from arcface.engine.trainer import Diverged, Trainer
 from arcface.heads import CombinedMargin, PartialFC
 from conftest import TINY, error_line, tiny_trainer, train_here
@@ -32,8 +32,8 @@ def _trainer(tmp_path, policy: str, bad_calls: set[int]) -> Trainer:
 
 
 def _all_finite(path) -> bool:
-    state = read_training_state(path)
-    tensors = [*state["backbone"].values(), state["fc"]["weight"], *state["fc"]["optimizer_rows"].values()]
+    fc = read_classifier(path)
+    tensors = [*read_training_state(path)["backbone"].values(), fc["weight"], *fc["optimizer_rows"].values()]
     return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
