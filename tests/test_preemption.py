@@ -13,6 +13,7 @@ import psutil
 import torch
 from mlflow.tracking import MlflowClient
 
+from arcface.engine.training_state import read_classifier
 from conftest import TINY, run_train, train_here
 
 EXIT_STOPPED = 75
@@ -48,8 +49,9 @@ def _signal_after(proc: subprocess.Popen, line_part: str, signals: list[int]) ->
 def _training_state(path: Path) -> dict[str, torch.Tensor]:
     state = torch.load(path, map_location="cpu", weights_only=True)
     tensors = {f"backbone.{k}": v for k, v in state["backbone"].items()}
-    tensors["fc.weight"] = state["fc"]["weight"]
-    tensors.update({f"fc.{k}": v for k, v in state["fc"]["optimizer_rows"].items()})
+    fc = read_classifier(path)  # the classifier's rows are in the directory the checkpoint names
+    tensors["fc.weight"] = fc["weight"]
+    tensors.update({f"fc.{k}": v for k, v in fc["optimizer_rows"].items()})
     for pid, s in state["optimizer"]["state"].items():
         tensors.update({f"opt.{pid}.{k}": v for k, v in s.items() if isinstance(v, torch.Tensor)})
     return tensors

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from mlflow.tracking import MlflowClient
 
+from arcface.engine.training_state import read_classifier
 from arcface.models import create_backbone
 from conftest import TINY, copy_run, error_line, train_here
 
@@ -53,7 +54,7 @@ def test_labels_beyond_num_classes(tmp_path):
 def test_resume_continues_where_it_stopped(finished_run, tmp_path):
     copy_run(finished_run, tmp_path)
     checkpoint = torch.load(tmp_path / "run" / "checkpoint.pt", map_location="cpu", weights_only=False)
-    assert checkpoint["step"] == 4 and checkpoint["fc"]["weight"].shape == (16, 64)
+    assert checkpoint["step"] == 4 and read_classifier(tmp_path / "run" / "checkpoint.pt")["weight"].shape == (16, 64)
     again = train_here([*TINY, "tracking=none", "trainer.max_steps=6", "trainer.resume=auto",
                         "trainer.verify_at_end=false"], tmp_path)
     log = again.stdout + again.stderr
