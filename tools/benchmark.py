@@ -25,6 +25,7 @@ SUITES = {  # name: (module, one line)
     "backbones": ("benchmarks.backbones", "backbone train/eval images/s and memory, with/without checkpointing"),
     "data_loader": ("benchmarks.data_loader", "decode + augment throughput of the data paths on the CPU"),
     "partial_fc": ("benchmarks.partial_fc", "Partial FC step time and memory vs classes, sparse vs dense (CPU)"),
+    "pfc_scaling": ("benchmarks.pfc_scaling", "bytes per collective and step memory of Partial FC at 1-3 gloo ranks"),
     "evaluation": ("benchmarks.evaluation", "10-fold pair-set scores; IJB-C-sized pooling, pair scores, ROC (CPU)"),
 }
 
