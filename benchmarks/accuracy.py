@@ -159,16 +159,12 @@ def variant_line(variant: Variant, result: dict) -> str:
 
 def family_overrides(preset: str, extra: list[str]) -> tuple[list[str], int, int]:
     """The overrides a family run takes (a verification midway added), its steps and its held-out pairs."""
-    from hydra import compose, initialize_config_dir
+    from arcface.train import _total_steps
+    from benchmarks.accuracy_task import compose_train
 
-    from arcface.train import CONF_DIR
-
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[f"experiment={preset}", "tracking=none", *extra])
-    per_epoch = cfg.dataset.num_classes * cfg.dataset.images_per_class // cfg.trainer.batch_size
-    steps = per_epoch // cfg.trainer.gradient_acc * cfg.trainer.num_epoch
-    if cfg.trainer.max_steps is not None:
-        steps = min(steps, cfg.trainer.max_steps)
+    cfg = compose_train([f"experiment={preset}", *extra])
+    images = cfg.dataset.num_classes * cfg.dataset.images_per_class
+    _, steps = _total_steps(cfg, images, 1, images // cfg.trainer.batch_size)
     overrides = [f"experiment={preset}", *extra, f"trainer.verify_every={max(1, steps // 2)}",
                  "trainer.verify_at_start=true", "trainer.verify_at_end=true"]
     return overrides, steps, cfg.dataset.val.synthetic_holdout.num_pairs

@@ -136,12 +136,16 @@ def make_backbone(setup: Setup) -> nn.Module:
     )
 
 
+def compose_train(overrides: list[str]):
+    """conf/train.yaml with `overrides`, untracked (the benchmark tracks its runs itself)."""
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name="train", overrides=["tracking=none", *overrides])
+
+
 def compose_variant(overrides: list[str], setup: Setup):
     """conf/train.yaml with the variant's overrides and this task's sizes, checked as `arcface-train` checks it."""
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[
-            "tracking=none", f"embedding_size={setup.embedding_size}", f"dataset.num_classes={setup.train_identities}",
-            f"trainer.batch_size={setup.batch_size}", *overrides])
+    cfg = compose_train([f"embedding_size={setup.embedding_size}", f"dataset.num_classes={setup.train_identities}",
+                         f"trainer.batch_size={setup.batch_size}", *overrides])
     check_config(cfg)
     check_compat(cfg)
     return cfg
