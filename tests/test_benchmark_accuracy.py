@@ -19,13 +19,27 @@ from benchmarks.accuracy import FAMILIES, SECTION, VARIANTS, update_results_md  
 DEMOS = sorted(FAMILIES.values())
 
 
-def test_smoke_run_writes_every_result(tmp_path):
-    results_md = tmp_path / "RESULTS.md"
-    code = _benchmark.main(["accuracy", "--smoke", "--families", "iresnet", "--out", str(tmp_path / "work"),
-                            "--results", str(tmp_path / "results"), "--results-md", str(results_md)])
+def smoke_run(tmp_path, families: list[str]) -> dict:
+    """`tools/benchmark.py accuracy --smoke` with its outputs under `tmp_path`; returns its JSON."""
+    code = _benchmark.main(["accuracy", "--smoke", "--families", *families, "--out", str(tmp_path / "work"),
+                            "--results", str(tmp_path / "results"), "--results-md", str(tmp_path / "RESULTS.md")])
     assert code == 0
-    data = json.loads((tmp_path / "results" / "accuracy_smoke.json").read_text())
-    assert data["kind"] == "smoke" and data["seeds"] == [0]
+    return json.loads((tmp_path / "results" / "accuracy_smoke.json").read_text())
+
+
+def sweep_children(data: dict) -> tuple:
+    """The MLflow client and the child runs of the smoke run's sweep."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(data["tracking_uri"])
+    parent = client.get_run(data["mlflow_parent_run"])
+    return client, client.search_runs([parent.info.experiment_id],
+                                      f"tags.mlflow.parentRunId = '{parent.info.run_id}'", max_results=100)
+
+
+def test_smoke_run_writes_every_result(tmp_path):
+    data = smoke_run(tmp_path, [])
+    assert data["kind"] == "smoke" and data["seeds"] == [0] and data["families"] == {}
     assert list(data["heads"]) == [v.key for v in VARIANTS]
     for key, head in data["heads"].items():
         assert 0.0 <= head["accuracy"]["mean"] <= 1.0 and 0.0 <= head["tar_at_far"]["mean"] <= 1.0
@@ -35,24 +49,24 @@ def test_smoke_run_writes_every_result(tmp_path):
         assert [p["step"] for p in run["curve"]] == ([0, 4, 8] if trained else [0]), key
         assert run["curve"][-1]["accuracy"] == head["accuracy"]["mean"]
         assert len(run["losses"]) == (2 if trained else 0)
+    claims = [c["claim"] for c in data["checks"]]
+    assert any("random init" in c for c in claims) and any("compat=reference" in c for c in claims)
+    assert all(isinstance(c["passed"], bool) and c["measured"] for c in data["checks"])
+    assert (tmp_path / "results" / "accuracy_smoke.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert text.count(SECTION) == 1 and "accuracy_smoke.json" in text and "compat=reference" in text
+    _, children = sweep_children(data)
+    assert sorted(run.info.run_name for run in children) == sorted(f"{v.key}_seed0" for v in VARIANTS)
+
+
+@pytest.mark.slow  # an arcface-train process of its own: tens of seconds on 2 cores
+def test_smoke_run_with_a_family_adopts_its_training_run(tmp_path):
+    data = smoke_run(tmp_path, ["iresnet"])
     family = data["families"]["iresnet"]
     assert "error" not in family, family
     assert [p["step"] for p in family["curve"]] == [0, 1, 2] and family["preset"] == "demo"
-    claims = [c["claim"] for c in data["checks"]]
-    assert any("random init" in c for c in claims) and any("iresnet" in c for c in claims)
-    assert all(isinstance(c["passed"], bool) and c["measured"] for c in data["checks"])
-    assert (tmp_path / "results" / "accuracy_smoke.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    text = results_md.read_text()
-    assert text.count(SECTION) == 1 and "accuracy_smoke.json" in text and "compat=reference" in text
-
-    from mlflow import MlflowClient
-
-    client = MlflowClient(data["tracking_uri"])
-    parent = client.get_run(data["mlflow_parent_run"])
-    children = client.search_runs([parent.info.experiment_id],
-                                  f"tags.mlflow.parentRunId = '{parent.info.run_id}'", max_results=100)
-    names = {run.info.run_name for run in children}
-    assert {f"{v.key}_seed0" for v in VARIANTS} <= names and len(children) == len(VARIANTS) + 1
+    assert any("iresnet" in c["claim"] for c in data["checks"])
+    client, children = sweep_children(data)
     (family_run,) = [run for run in children if run.info.run_name.startswith("family_iresnet")]
     assert len(client.get_metric_history(family_run.info.run_id, "synthetic_holdout/acc")) == 3
 
@@ -75,7 +89,8 @@ def verification(proc) -> tuple[float, float]:
     return tuple(map(float, found[-1]))
 
 
-@pytest.mark.parametrize("preset", DEMOS)
+# mbf takes several times r_tiny's time per image on a CPU; tests/test_mobilefacenet_init.py has its fast check.
+@pytest.mark.parametrize("preset", [pytest.param(p, marks=pytest.mark.slow) if p == "demo_mbf" else p for p in DEMOS])
 def test_demo_preset_trains_a_few_steps(preset, tmp_path):
     tiny = [o for o in TINY if not o.startswith("trainer.verify_at_start=")]
     proc = train_here([f"experiment={preset}", *tiny, "tracking=none"], tmp_path)
