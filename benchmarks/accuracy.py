@@ -217,7 +217,7 @@ def checks(heads: dict, families: dict) -> list[dict]:
     full = acc("arcface_full")
     if trained and full:
         gap = trained["mean"] - full["mean"]
-        add("Partial FC 0.1 within 1 point of the full softmax", abs(gap) <= 0.01,
+        add("Partial FC 0.1 loses at most 1 point against the full softmax", gap >= -0.01,
             f"{trained['mean']:.4f} vs {full['mean']:.4f}: {100 * gap:+.2f} points")
     softmax = acc("softmax_pfc01")
     for key, label in (("arcface_pfc01", "ArcFace"), ("cosface_pfc01", "CosFace")):
@@ -237,10 +237,11 @@ def checks(heads: dict, families: dict) -> list[dict]:
                 f"{100 * gap:+.2f} points")
     for family, result in families.items():
         curve = result.get("curve") or []
-        rises = len(curve) >= 2 and curve[-1]["accuracy"] > curve[0]["accuracy"]
+        # Two points: a family's pair set is small (200-600 pairs), so smaller changes are within its noise.
+        rises = len(curve) >= 2 and curve[-1]["accuracy"] >= curve[0]["accuracy"] + 0.02
         measured = (" -> ".join(f"{p['accuracy']:.4f}" for p in curve) if curve
                     else result.get("error", "no verification"))
-        add(f"{family} ({result['preset']}) learns: held-out accuracy rises over training", rises, measured)
+        add(f"{family} ({result['preset']}) learns: held-out accuracy rises by 2 points or more", rises, measured)
     return out
 
 
@@ -322,7 +323,7 @@ TAR at FAR=1e-3 beside the accuracy. Every variant trains the same small network
 embedding) on the same data with the same seeds; only the head's config differs, and it is composed from conf/
 and built by the project's own code (PartialFC, the margins, build_optimizer, the scheduler), exactly as
 `arcface-train` builds it. What the task cannot show: effects that depend on image backbones (those are the
-families' runs below, on synthetic images) or on multi-GPU sharding (the same code paths, covered by the gloo
+families' runs above, on synthetic images) or on multi-GPU sharding (the same code paths, covered by the gloo
 tests)."""
 
 
@@ -332,7 +333,8 @@ def section(result: dict) -> str:
     lines = [SECTION, "",
              f"Produced by `{result['command']}` on {result['date']} ({result['wall_s'] / 60:.1f} min): "
              f"{m['processor']}, {m['cpus']} cores, torch {m['torch']}; load average {result['load_average'][0]} at "
-             f"the start and {result['load_average'][1]} at the end (1/5/15 min; the machine is shared). Raw numbers: "
+             f"the start and {result['load_average'][1]} at the end (1/5/15 min; the machine is shared, so the "
+             f"seconds below follow its load more than the variants' cost). Raw numbers: "
              f"[results/{result['files']['json']}](results/{result['files']['json']}); MLflow sweep: "
              f"`mlflow ui --backend-store-uri {result['tracking_uri']}`.", "",
              f"![accuracy](results/{result['files']['png']})", "",
@@ -380,6 +382,14 @@ def update_results_md(path: Path, text: str) -> None:
     write_text_atomically(path, new)
 
 
+def write_outputs(result: dict, results_dir: Path, results_md: Path | None) -> None:
+    results_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomically(results_dir / result["files"]["json"], json.dumps(result, indent=1) + "\n")
+    chart(result, results_dir / result["files"]["png"])
+    if results_md is not None:
+        update_results_md(results_md, section(result))
+
+
 # ---- entrypoint ------------------------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
@@ -401,6 +411,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="working folder: the MLflow store (mlflow.db) and the families' run folders "
                              "(default outputs/accuracy)")
     parser.add_argument("--tracking-uri", help="MLflow store (default sqlite:///<--out>/mlflow.db)")
+    parser.add_argument("--render", action="store_true",
+                        help="train nothing: redo the checks, the PNG and RESULTS.md from the recorded JSON")
     args = parser.parse_args(argv)
     if args.seeds is not None and args.seeds < 1:
         parser.error(f"--seeds {args.seeds}: at least one seed is needed")
@@ -414,6 +426,11 @@ def main(argv: list[str] | None = None) -> int:
     stem = "accuracy" if kind == "full" else f"accuracy_{kind}"
     results_dir = args.results or RESULTS
     results_md = args.results_md or (RESULTS_MD if kind == "full" else None)
+    if args.render:
+        result = json.loads((results_dir / f"{stem}.json").read_text())
+        result["checks"] = checks(result["heads"], result["families"])
+        write_outputs(result, results_dir, results_md)
+        return 0
     args.out.mkdir(parents=True, exist_ok=True)
     uri = args.tracking_uri or f"sqlite:///{args.out.resolve() / 'mlflow.db'}"
     command = " ".join(["python tools/benchmark.py accuracy", *(argv if argv is not None else sys.argv[1:])])
@@ -441,11 +458,7 @@ def main(argv: list[str] | None = None) -> int:
     result["wall_s"] = round(time.perf_counter() - started, 1)
     sweep.end([("wall_s", result["wall_s"], 0)] +
               [(f"{key}/acc", head["accuracy"]["mean"], 0) for key, head in heads.items()])
-    results_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomically(results_dir / f"{stem}.json", json.dumps(result, indent=1) + "\n")
-    chart(result, results_dir / f"{stem}.png")
-    if results_md is not None:
-        update_results_md(results_md, section(result))
+    write_outputs(result, results_dir, results_md)
     for check in result["checks"]:
         print(f"{'holds' if check['passed'] else 'DOES NOT HOLD'}: {check['claim']} ({check['measured']})")
     print(f"# {result['wall_s'] / 60:.1f} min; results in {results_dir / stem}.json/.png"
