@@ -59,7 +59,7 @@ def test_smoke_run_writes_every_result(tmp_path):
     assert sorted(run.info.run_name for run in children) == sorted(f"{v.key}_seed0" for v in VARIANTS)
 
 
-@pytest.mark.slow  # an arcface-train process of its own: tens of seconds on 2 cores
+@pytest.mark.slow  # an arcface-train process of its own: seconds idle, a minute on a busy machine
 def test_smoke_run_with_a_family_adopts_its_training_run(tmp_path):
     data = smoke_run(tmp_path, ["iresnet"])
     family = data["families"]["iresnet"]
@@ -89,8 +89,7 @@ def verification(proc) -> tuple[float, float]:
     return tuple(map(float, found[-1]))
 
 
-# mbf takes several times r_tiny's time per image on a CPU; tests/test_mobilefacenet_init.py has its fast check.
-@pytest.mark.parametrize("preset", [pytest.param(p, marks=pytest.mark.slow) if p == "demo_mbf" else p for p in DEMOS])
+@pytest.mark.parametrize("preset", DEMOS)
 def test_demo_preset_trains_a_few_steps(preset, tmp_path):
     tiny = [o for o in TINY if not o.startswith("trainer.verify_at_start=")]
     proc = train_here([f"experiment={preset}", *tiny, "tracking=none"], tmp_path)

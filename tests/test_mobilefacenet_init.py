@@ -2,7 +2,6 @@
 `arcface-train backbone=mbf trainer.batch_size=16` (grouped convolutions are initialised over one group's fan)."""
 from __future__ import annotations
 
-import pytest
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
@@ -29,7 +28,6 @@ def test_eval_mode_embeddings_are_as_large_as_in_training_at_init():
     assert eval_norm > 0.1 * train_norm, (float(eval_norm), float(train_norm))
 
 
-@pytest.mark.slow  # three mbf steps at batch 16 through arcface-train: tens of seconds on 2 cores
 def test_three_steps_at_batch_16_leave_embeddings_apart(tmp_path):
     proc = train_here([*TINY, "tracking=none", "backbone=mbf", "trainer.batch_size=16", "dataset.num_classes=64",
                        "trainer.max_steps=3", "trainer.verify_at_end=false"], tmp_path)
