@@ -30,6 +30,7 @@ import torch.nn as nn
 
 from arcface.distributed import gather_objects
 from arcface.engine.optim import build_optimizer
+from arcface.fileio import write_text_atomically
 from arcface.heads import CombinedMargin, PartialFC
 from arcface.testing import spawn_gloo
 
@@ -128,13 +129,19 @@ def main() -> None:
         world, classes, batch, rate, design = args.point
         spawn_gloo(_point, int(world), int(classes), int(batch), float(rate), design, args.out)
         return
+    # Checked here, before any process starts: a bad value would otherwise fail inside every spawned rank.
+    if not 0.0 <= args.rate <= 1.0:
+        parser.error(f"--rate {args.rate}: give a fraction between 0 and 1")
+    if args.batch < 1 or min(args.worlds) < 1 or args.classes < max(args.worlds):
+        parser.error(f"--batch {args.batch} --worlds {args.worlds} --classes {args.classes}: batch and worlds must "
+                     f"be at least 1, and every rank needs a class (--classes at least the largest world)")
     RESULTS.mkdir(parents=True, exist_ok=True)
     points = [measure(world, args.classes, args.batch, args.rate, design)
               for design in args.designs for world in args.worlds]
     result = {"command": " ".join(["python", "benchmarks/pfc_scaling.py", *sys.argv[1:]]), "torch": torch.__version__,
               "points": points}
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=1) + "\n")
-    (RESULTS / f"{args.name}.md").write_text(table(result))
+    write_text_atomically(RESULTS / f"{args.name}.json", json.dumps(result, indent=1) + "\n")
+    write_text_atomically(RESULTS / f"{args.name}.md", table(result))
     print(table(result))
 
 
