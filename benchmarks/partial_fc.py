@@ -33,6 +33,7 @@ import torch.nn as nn
 
 from arcface.distributed import all_reduce, get_rank, get_world_size
 from arcface.engine.optim import build_optimizer
+from arcface.fileio import atomic_write, write_text_atomically
 from arcface.heads import CombinedMargin, PartialFC
 from arcface.testing import spawn_gloo
 
@@ -195,7 +196,8 @@ def chart(result: dict, path: Path) -> None:
     fig.suptitle(f"Partial FC on CPU ({result['machine']['cpus']} cores): embedding 512, batch 128 per rank, "
                  f"SGD momentum; dashed = dense gradient (reference design)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_write(path) as f:
+        fig.savefig(f, dpi=110, format="png")
 
 
 def table(result: dict) -> str:
@@ -213,9 +215,11 @@ def table(result: dict) -> str:
     for p in result["points"]:
         lines.append(f"| {p['classes']:,} | {p['rate']} | {p['world']} | {p['design']} | {p.get('step_s', '')} | "
                      f"{p.get('peak_gib_total', '')} | {p['estimate_gib']} | {p['status']} |")
-    lines += ["", "Sparse / dense (same run):", ""]
-    lines += [f"- {k}: memory {v['memory_sparse_over_dense']}x, step time {v['time_sparse_over_dense']}x"
-              for k, v in result["summary"]["sparse_vs_dense"].items()]
+    ratios = result["summary"]["sparse_vs_dense"]
+    if ratios:  # only when the run measured both designs at the same points
+        lines += ["", "Sparse / dense (same run):", ""]
+        lines += [f"- {k}: memory {v['memory_sparse_over_dense']}x, step time {v['time_sparse_over_dense']}x"
+                  for k, v in ratios.items()]
     largest = result["summary"]["largest_classes_within_24_gib_at_rate_below_1"]
     measured = ", ".join(f"{design} {classes}" for design, classes in largest.items() if classes is not None)
     lines += ["", f"Largest C measured within 24 GiB at rate 0.1: {measured or 'none'}.",
@@ -225,9 +229,9 @@ def table(result: dict) -> str:
 
 def write_outputs(result: dict, name: str) -> None:
     result["chart"] = f"{name}.png"
-    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+    write_text_atomically(RESULTS / f"{name}.json", json.dumps(result, indent=1) + "\n")
     chart(result, RESULTS / f"{name}.png")
-    (RESULTS / f"{name}.md").write_text(table(result))
+    write_text_atomically(RESULTS / f"{name}.md", table(result))
 
 
 def main() -> None:
@@ -249,9 +253,18 @@ def main() -> None:
         classes, rate, world, design = args.point
         run_point(int(classes), float(rate), int(world), design, args.steps, args.out)
         return
+    recorded = RESULTS / f"{args.name}.json"
+    if args.render and not recorded.is_file():
+        parser.error(f"--render: {recorded} does not exist; run the sweep with --name {args.name} first")
+    # Checked before the sweep: a bad value would otherwise be recorded as a failed point, one after another.
+    if not all(0.0 <= rate <= 1.0 for rate in args.rates):
+        parser.error(f"--rates {args.rates}: give fractions between 0 and 1")
+    if args.steps < 1 or min(args.worlds) < 1 or min(args.classes) < max(args.worlds):
+        parser.error(f"--steps {args.steps} --worlds {args.worlds} --classes {args.classes}: steps and worlds must "
+                     f"be at least 1, and every rank needs a class (each --classes at least the largest world)")
     RESULTS.mkdir(parents=True, exist_ok=True)
     if args.render:  # redraw the chart and table of a recorded run
-        result = json.loads((RESULTS / f"{args.name}.json").read_text())
+        result = json.loads(recorded.read_text())
     else:
         result = sweep(args)
     write_outputs(result, args.name)
