@@ -117,16 +117,33 @@ def free_loopback_port() -> int:
     raise RuntimeError("no free port on 127.0.0.1 between 20000 and 32000")
 
 
+def mlflow_server_sh(*args, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`launchers/mlflow_server.sh ARGS` with this interpreter's mlflow first on PATH, in `env` (default: this
+    process's environment); returns the finished process."""
+    env = dict(os.environ if env is None else env)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    return subprocess.run(["bash", str(LAUNCHERS / "mlflow_server.sh"), *map(str, args)], env=env,
+                          capture_output=True, text=True, timeout=180)
+
+
+def start_mlflow_server(folder: Path, *options, env: dict[str, str] | None = None) -> str:
+    """Starts the server of `folder` (launchers/mlflow_server.sh start FOLDER OPTIONS); returns its URI."""
+    start = mlflow_server_sh("start", folder, *options, env=env)
+    assert start.returncode == 0, f"launchers/mlflow_server.sh did not start:\n{start.stderr}"
+    return _exports(start.stdout)["MLFLOW_TRACKING_URI"]
+
+
+def stop_mlflow_server(folder: Path) -> None:
+    """Stops the server of `folder` and every process of its group."""
+    stop = mlflow_server_sh("stop", folder)
+    assert stop.returncode == 0, stop.stderr
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """The URI of a real MLflow tracking server on loopback (sqlite store and served artifacts in a tmp dir)."""
     folder = tmp_path_factory.mktemp("mlflow_server")
-    script = str(LAUNCHERS / "mlflow_server.sh")
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # its mlflow
-    start = subprocess.run(["bash", script, "start", str(folder), "--port", str(free_loopback_port())],
-                           capture_output=True, text=True, timeout=180, env=env)
     try:
-        assert start.returncode == 0, f"launchers/mlflow_server.sh did not start:\n{start.stderr}"
-        yield _exports(start.stdout)["MLFLOW_TRACKING_URI"]
+        yield start_mlflow_server(folder, "--port", free_loopback_port())
     finally:
-        subprocess.run(["bash", script, "stop", str(folder)], check=True, timeout=60)
+        stop_mlflow_server(folder)

@@ -14,7 +14,7 @@ import urllib.request
 import cloudpickle
 import pytest
 import submitit
-from cluster import LAUNCHERS, free_loopback_port
+from cluster import LAUNCHERS, free_loopback_port, mlflow_server_sh, start_mlflow_server, stop_mlflow_server
 from submitit.slurm.slurm import SlurmInfoWatcher
 
 # Guards against a hang, not performance bounds: jobs here take a second or two, but may queue behind the jobs of
@@ -204,14 +204,9 @@ def test_mlflow_server_off_loopback_turns_basic_authentication_on(tmp_path, monk
     from mlflow.tracking import MlflowClient
 
     password = "correct-horse-battery"
-    env = {**os.environ, "MLFLOW_AUTH_ADMIN_PASSWORD": password,
-           "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}"}
-    script = str(LAUNCHERS / "mlflow_server.sh")
-    start = subprocess.run(["bash", script, "start", str(tmp_path), "--host", "0.0.0.0", "--port",
-                            str(free_loopback_port())], env=env, capture_output=True, text=True, timeout=180)
+    env = {**os.environ, "MLFLOW_AUTH_ADMIN_PASSWORD": password}
     try:
-        assert start.returncode == 0, start.stderr
-        uri = start.stdout.strip().rpartition("=")[2]
+        uri = start_mlflow_server(tmp_path, "--host", "0.0.0.0", "--port", free_loopback_port(), env=env)
         search = f"{uri}/api/2.0/mlflow/experiments/search?max_results=1"
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(search, timeout=30)
@@ -220,4 +215,4 @@ def test_mlflow_server_off_loopback_turns_basic_authentication_on(tmp_path, monk
         monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
         assert [e.name for e in MlflowClient(tracking_uri=uri).search_experiments()] == ["Default"]
     finally:
-        subprocess.run(["bash", script, "stop", str(tmp_path)], check=True, timeout=60)
+        stop_mlflow_server(tmp_path)
