@@ -25,8 +25,9 @@ die() {
 action=$1
 dir=$2
 shift 2
-[ "$action" = stop ] || mkdir -p "$dir"
-[ ! -d "$dir" ] || dir=$(cd "$dir" && pwd)
+case "$action" in start | stop) ;; *) die "unknown action '$action'; $usage" ;; esac
+# Made absolute without creating it: DIR is made only once the input has been checked.
+case "$dir" in /*) ;; *) dir=$PWD/$dir ;; esac
 pgid_file=$dir/server.pgid
 
 # running: the process group named in DIR/server.pgid still has a member.
@@ -54,7 +55,6 @@ if [ "$action" = stop ]; then
   echo "mlflow_server: stopped the server in $dir." >&2
   exit 0
 fi
-[ "$action" = start ] || die "unknown action '$action'; $usage"
 
 host=127.0.0.1
 port=5000
@@ -141,6 +141,7 @@ if (exec 3<>"/dev/tcp/${uri_host//[\[\]]/}/$port") 2>/dev/null; then
   die "port $port on $uri_host is already in use; pick another with --port." 1
 fi
 
+mkdir -p "$dir"
 rm -f "$pgid_file"
 log=$dir/server.log
 # setsid: the server and its workers form one process group whose id is written first, so `stop` ends them all.

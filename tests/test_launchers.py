@@ -191,11 +191,11 @@ def test_mlflow_server_off_loopback_refuses_to_start_without_a_valid_admin_passw
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_AUTH_")}
     if password:
         env["MLFLOW_AUTH_ADMIN_PASSWORD"] = password
-    start = subprocess.run(["bash", str(LAUNCHERS / "mlflow_server.sh"), "start", str(tmp_path), "--host", "0.0.0.0"],
-                           env=env, capture_output=True, text=True, timeout=60)
+    folder = tmp_path / "server"
+    start = mlflow_server_sh("start", folder, "--host", "0.0.0.0", env=env)
     assert start.returncode == 2
     assert "MLFLOW_AUTH_ADMIN_PASSWORD" in start.stderr and start.stdout == ""
-    assert not (tmp_path / "server.pgid").exists()
+    assert not folder.exists()  # nothing written, not even the folder
 
 
 @pytest.mark.cluster
