@@ -1,5 +1,6 @@
 """tools/export_onnx.py and tools/eval.py add to an existing MLflow run (the model by mlflow.onnx, the report,
-metrics and files) and leave its status as it was; a run id the store lacks is one sentence."""
+metrics and files) and leave its status as it was; a run id the store lacks is one sentence, said before
+anything is evaluated or written."""
 from __future__ import annotations
 
 import importlib.util
@@ -45,8 +46,14 @@ def test_export_and_eval_log_into_a_finished_run(tmp_path, capsys):
     models = client.search_logged_models(experiment_ids=[experiment])
     assert [m.source_run_id for m in models] == [run_id]
     capsys.readouterr()
+    unknown = ["--run-id", "0123456789abcdef", "--tracking-uri", uri]
     assert eval_tool.main(["--onnx", str(tmp_path / "model.onnx"), "--bin", str(FIXTURES / "verification" /
                                                                                  "pairs.bin"), "--device", "cpu",
-                           "--run-id", "0123456789abcdef", "--tracking-uri", uri]) == 2
+                           "--output", str(tmp_path / "not_logged"), *unknown]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: MLflow run 0123456789abcdef is not in") and "\n" not in err
+    assert _tool("export_onnx").main([str(tmp_path / "model.pt"), "--backbone", "r_tiny", "--embedding-size", "32",
+                                      "--output", str(tmp_path / "not_logged.onnx"), *unknown]) == 2
+    assert "MLflow run 0123456789abcdef is not in" in capsys.readouterr().err
+    # The run is looked up first: neither tool evaluated or exported anything for it.
+    assert not (tmp_path / "not_logged").exists() and not (tmp_path / "not_logged.onnx").exists()

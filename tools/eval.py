@@ -31,7 +31,7 @@ from arcface.evaluation.ijb import TARGETS, evaluate_ijb, read_protocol
 from arcface.evaluation.inference import open_network, pick_device
 from arcface.evaluation.report import ijb_summary, metrics, pair_set_summary, table
 from arcface.evaluation.roc import plot_roc
-from arcface.evaluation.run_log import default_tracking_uri, log_results
+from arcface.evaluation.run_log import default_tracking_uri, existing_run, log_results
 from arcface.fileio import atomic_write, write_text_atomically
 
 
@@ -76,6 +76,9 @@ def run(args: argparse.Namespace) -> dict:
     # Everything the command line names is read and checked before the network runs on anything.
     pair_sets = {Path(path).stem: load_pair_set(path) for path in args.bin}
     protocol = read_protocol(args.ijb, args.target) if args.ijb else None
+    uri = args.tracking_uri or default_tracking_uri()
+    if args.run_id:
+        existing_run(uri, args.run_id)
     device = pick_device(args.device)
     network = open_network(backbone=args.backbone, checkpoint=args.checkpoint, onnx=args.onnx,
                            embedding_size=args.embedding_size, device=device)
@@ -96,7 +99,6 @@ def run(args: argparse.Namespace) -> dict:
     print(table(summaries))
     print(f"results in {results}" + "".join(f", {f}" for f in files))
     if args.run_id:
-        uri = args.tracking_uri or default_tracking_uri()
         log_results(uri, args.run_id, {metric_key(k): v for k, v in metrics(summaries).items()},
                     [results, *[f for f in files if f.suffix == ".png"]])
         print(f"logged to MLflow run {args.run_id} in {uri}")

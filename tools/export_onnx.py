@@ -21,7 +21,7 @@ import sys
 
 from arcface.errors import UserError
 from arcface.evaluation.inference import load_backbone
-from arcface.evaluation.run_log import default_tracking_uri
+from arcface.evaluation.run_log import default_tracking_uri, existing_run
 from arcface.export import OPSET, export_onnx, log_onnx_model
 
 
@@ -39,13 +39,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tracking-uri", default=None,
                         help="the MLflow store of --run-id (default: sqlite mlflow.db in this directory)")
     args = parser.parse_args(argv)
+    uri = args.tracking_uri or default_tracking_uri()
     try:
+        if args.run_id:  # before the export: a wrong run id writes nothing
+            existing_run(uri, args.run_id)
         model = load_backbone(args.backbone, args.weights, args.embedding_size)
         report = export_onnx(model, args.output, backbone=args.backbone, opset=args.opset,
                              mfr=not args.no_mfr_checks, latency_runs=max(1, args.latency_runs))
         print(report.text())
         if args.run_id:
-            uri = args.tracking_uri or default_tracking_uri()
             log_onnx_model(uri, args.run_id, args.output, report)
             print(f"logged to MLflow run {args.run_id} in {uri}")
     except UserError as e:
