@@ -87,10 +87,9 @@ def _stop(message: str) -> None:
 
 def submitit_requeue_handler(previous_handler):
     """submitit's requeue handler when it is what `previous_handler` (the SIGUSR2 handler training replaced) is."""
-    owner = getattr(previous_handler, "__self__", None)
-    if owner is None or "submitit" not in type(owner).__module__:
-        return None
-    return previous_handler
+    from submitit.core.job_environment import SignalHandler
+
+    return previous_handler if isinstance(getattr(previous_handler, "__self__", None), SignalHandler) else None
 
 
 def requeue(handler) -> None:

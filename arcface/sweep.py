@@ -18,6 +18,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from arcface.cluster import check_sweep
+from arcface.engine.tracking import experiment_id_of
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +42,7 @@ class SweepRuns(Callback):
 
         self._uri = tracking.uri
         client = MlflowClient(self._uri)
-        experiment = client.get_experiment_by_name(tracking.experiment_name)
-        experiment_id = (experiment.experiment_id if experiment is not None
-                         else client.create_experiment(tracking.experiment_name))
+        experiment_id = experiment_id_of(client, tracking.experiment_name)
         sweep_dir = Path(str(config.hydra.sweep.dir))
         overrides = " ".join(config.hydra.overrides.task)
         run = client.create_run(experiment_id, run_name=f"sweep {sweep_dir.name}",
@@ -78,7 +77,7 @@ def git_commit() -> str | None:
                               capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
         return None
-    return done.stdout.strip() or None if done.returncode == 0 else None
+    return (done.stdout.strip() or None) if done.returncode == 0 else None
 
 
 def slurm_job_id() -> str | None:

@@ -204,7 +204,7 @@ def _requeue_or_fail(cfg: DictConfig, handler, run_id: str | None) -> None:
     try:
         requeue(handler)
     except Exception as refusal:
-        if get_rank() == 0 and run_id is not None:
+        if run_id is not None:  # rank 0's run; the other ranks track nothing
             closing = instantiate(cfg.tracking)
             closing.start({}, tags={"arcface.failure": str(refusal)}, run_id=run_id)
             closing.end("FAILED")

@@ -72,6 +72,21 @@ def settings(cfg) -> dict:
     return out
 
 
+def experiment_id_of(client, name: str) -> str:
+    """The id of MLflow experiment `name`, created when missing (also when a concurrent job creates it first)."""
+    from mlflow.exceptions import MlflowException
+
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(name)
+    except MlflowException as error:
+        if error.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return client.get_experiment_by_name(name).experiment_id
+
+
 def metric_key(name: str) -> str:
     """A name MLflow accepts: `lfw/val@far` -> `lfw/val_at_far`, any other character it rejects -> `_`."""
     return _NOT_IN_NAMES.sub("_", name.replace("@", "_at_"))
@@ -379,16 +394,7 @@ class MLflowTracker(NullTracker):
             log.warning("MLflow run %s is not in %s (deleted, or another store); continuing in a new run",
                         self.run_id, self.uri)
             self.run_id = None
-        experiment = client.get_experiment_by_name(self.experiment_name)
-        if experiment is not None:
-            experiment_id = experiment.experiment_id
-        else:
-            try:
-                experiment_id = client.create_experiment(self.experiment_name)
-            except MlflowException as error:  # a concurrent job created it first
-                if error.error_code != "RESOURCE_ALREADY_EXISTS":
-                    raise
-                experiment_id = client.get_experiment_by_name(self.experiment_name).experiment_id
+        experiment_id = experiment_id_of(client, self.experiment_name)
         run = client.create_run(experiment_id, run_name=self.run_name, tags=resolve_tags(self._tags))
         self.run_id = run.info.run_id
         self._experiment_id = experiment_id
