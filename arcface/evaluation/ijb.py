@@ -70,10 +70,14 @@ def find_root(path: str | Path, target: str) -> Path:
                     f"folder, the one with meta/ and {IMAGE_DIR}/")
 
 
-def _lines(file: Path) -> list[list[str]]:
+def _require(file: Path) -> None:
     if not file.is_file():
         raise UserError(f"{file} does not exist: the {file.parent.parent.name} release folder needs it beside the "
                         f"other meta files")
+
+
+def _lines(file: Path) -> list[list[str]]:
+    _require(file)
     with open(file, encoding="utf-8", errors="replace") as f:
         return [line.split() for line in f if line.strip()]
 
@@ -95,9 +99,7 @@ def _numbers(file: Path, rows: list[list[str]], columns: slice, dtype) -> np.nda
 
 def read_pairs(file: Path) -> tuple[np.ndarray, np.ndarray]:
     """(int64 (P, 2) template ids, int8 (P,) labels) of a `template_pair_label` file, checked."""
-    if not file.is_file():
-        raise UserError(f"{file} does not exist: the {file.parent.parent.name} release folder needs it beside the "
-                        f"other meta files")
+    _require(file)
     try:  # numpy's C parser: the IJB-C pair file has 15.7M lines
         table = np.loadtxt(file, dtype=np.int64, ndmin=2)
     except ValueError as e:
