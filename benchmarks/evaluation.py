@@ -35,6 +35,7 @@ import torch
 from arcface.evaluation.ijb import read_pairs, score_pairs, template_features
 from arcface.evaluation.roc import FARS, roc_curve
 from arcface.evaluation.verification import THRESHOLDS, verification_scores
+from arcface.fileio import write_text_atomically
 from benchmarks.machine import describe
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -248,9 +249,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result["ijb"]), flush=True)
     result["load_after"] = load()
     command = "python tools/benchmark.py evaluation " + " ".join(argv if argv is not None else sys.argv[1:])
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / f"{args.name}.md").write_text(markdown(result, command.strip()))
+    write_text_atomically(RESULTS / f"{args.name}.json", json.dumps(result, indent=2) + "\n")
+    write_text_atomically(RESULTS / f"{args.name}.md", markdown(result, command.strip()))
     print(f"wrote {RESULTS / args.name}.md and .json")
     return 0
 
