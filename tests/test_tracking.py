@@ -4,17 +4,14 @@ from __future__ import annotations
 import inspect
 import logging
 import os
-import signal
 import subprocess
 import sys
 import time
-import urllib.request
-from pathlib import Path
 
 import pytest
 
 from arcface.engine.tracking import MLflowTracker, NullTracker, metric_key
-from cluster import free_loopback_port
+from cluster import free_loopback_port, start_mlflow_server, stop_mlflow_server
 
 # Holds an exclusive lock on a sqlite file until killed: what a busy concurrent writer does to everyone else.
 LOCKER = ("import sqlite3, sys, time\n"
@@ -161,46 +158,11 @@ def test_run_deleted_mid_training_costs_one_warning(mlflow_db, warnings, caplog)
     assert "items refused" in caplog.text
 
 
-def start_server(port: int, db: Path, log_file: Path) -> subprocess.Popen:
-    """`mlflow server` in its own session, so that stopping its group stops its workers too."""
-    mlflow_cli = Path(sys.executable).with_name("mlflow")
-    with open(log_file, "ab") as out:
-        server = subprocess.Popen([str(mlflow_cli), "server", "--host", "127.0.0.1", "--port", str(port),
-                                   "--backend-store-uri", f"sqlite:///{db}", "--workers", "1"],
-                                  stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-
-    def healthy() -> bool:
-        assert server.poll() is None, f"mlflow server exited: {log_file.read_text()[-2000:]}"
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as answer:
-                return answer.status == 200
-        except OSError:
-            return False
-
-    wait_until(healthy, "mlflow server start", limit=180)
-    return server
-
-
-def stop_server(server: subprocess.Popen) -> None:
-    os.killpg(server.pid, signal.SIGTERM)
-    server.wait(timeout=60)
-
-    def group_gone() -> bool:
-        try:
-            os.killpg(server.pid, 0)
-        except ProcessLookupError:
-            return True
-        return False
-
-    wait_until(group_gone, "mlflow server workers exit")
-
-
 @pytest.mark.slow  # two server starts: ~20 s each on 2 cores
 def test_server_stopped_mid_run_then_back(tmp_path, warnings):
     port = free_loopback_port()
-    uri = f"http://127.0.0.1:{port}"
-    db = tmp_path / "server.db"
-    server = start_server(port, db, tmp_path / "server.log")
+    folder = tmp_path / "server"  # its store, log and process group: the second start serves the same store
+    uri = start_mlflow_server(folder, "--port", port)
     try:
         tracker = MLflowTracker(uri, "arcface", timeout=5, flush_timeout=60)
         tracker.start({"optimizer": {"lr": 0.1}})
@@ -209,13 +171,13 @@ def test_server_stopped_mid_run_then_back(tmp_path, warnings):
             tracker.log_metrics({"loss": 1.0 / step}, step)
         wait_until(lambda: len(history(uri, tracker.run_id)) == 10, "delivery while the server is up")
 
-        stop_server(server)
+        stop_mlflow_server(folder)
         for step in range(11, 21):
             tracker.log_metrics({"loss": 1.0 / step}, step)
         wait_until(lambda: len(warnings()) == 1, "the outage warning")
         assert uri in warnings()[0]
 
-        server = start_server(port, db, tmp_path / "server.log")
+        assert start_mlflow_server(folder, "--port", port) == uri
         tracker.end("FINISHED")  # a last attempt right away, instead of the thread's next retry
         assert len(warnings()) == 2 and "is back; 10 metrics delivered, 0 dropped" in warnings()[1]
         assert history(uri, tracker.run_id) == list(range(1, 21))
@@ -223,5 +185,4 @@ def test_server_stopped_mid_run_then_back(tmp_path, warnings):
 
         assert MlflowClient(uri).get_run(tracker.run_id).info.status == "FINISHED"
     finally:
-        if server.poll() is None:
-            stop_server(server)
+        stop_mlflow_server(folder)
