@@ -78,6 +78,7 @@ def test_two_images_give_similarity_and_decision(networks, faces, tmp_path, caps
 @pytest.mark.parametrize("extra, message", [
     (["missing.jpg"], "missing.jpg does not exist"),
     (["--onnx", "x.onnx"], "exactly one network"),
+    (["--batch-size", "0"], "--batch-size 0 must be at least 1"),
 ])
 def test_bad_input_is_one_sentence(networks, faces, tmp_path, capsys, extra, message):
     weights, _ = networks

@@ -119,6 +119,9 @@ def test_model_pt_and_zoo_backbone_pth_export_alike(tmp_path, capsys):
     assert export_tool.main([str(tmp_path / "model.pt"), "--backbone", "r18", "--output",
                              str(tmp_path / "x.onnx")]) == 2
     assert "does not fit backbone 'r18'" in capsys.readouterr().err
+    assert export_tool.main([str(tmp_path / "model.pt"), "--backbone", "r_tiny", "--embedding-size", "64",
+                             "--output", str(tmp_path / "y.onnx"), "--latency-runs", "0"]) == 2
+    assert "--latency-runs 0 must be at least 1" in capsys.readouterr().err and not (tmp_path / "y.onnx").exists()
 
 
 def test_training_exports_at_the_end_and_checkpoint_pt_exports(tmp_path):

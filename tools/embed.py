@@ -44,11 +44,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", help="auto (GPU if any), cpu, cuda, cuda:N")
     args = parser.parse_args(argv)
     try:
+        if args.batch_size < 1:
+            raise UserError(f"--batch-size {args.batch_size} must be at least 1")
         paths = list_images(args.images)
         device = pick_device(args.device)
         network = open_network(backbone=args.backbone, checkpoint=args.checkpoint, onnx=args.onnx,
                                embedding_size=args.embedding_size, device=device)
-        raw = embed_images(network, FaceImages(paths), batch_size=max(1, args.batch_size), device=device,
+        raw = embed_images(network, FaceImages(paths), batch_size=args.batch_size, device=device,
                            flip=not args.no_flip, progress="embedding" if len(paths) > args.batch_size else None)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

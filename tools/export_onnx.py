@@ -41,11 +41,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     uri = args.tracking_uri or default_tracking_uri()
     try:
+        if args.latency_runs < 1:
+            raise UserError(f"--latency-runs {args.latency_runs} must be at least 1")
         if args.run_id:  # before the export: a wrong run id writes nothing
             existing_run(uri, args.run_id)
         model = load_backbone(args.backbone, args.weights, args.embedding_size)
         report = export_onnx(model, args.output, backbone=args.backbone, opset=args.opset,
-                             mfr=not args.no_mfr_checks, latency_runs=max(1, args.latency_runs))
+                             mfr=not args.no_mfr_checks, latency_runs=args.latency_runs)
         print(report.text())
         if args.run_id:
             log_onnx_model(uri, args.run_id, args.output, report)
