@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from arcface.data.synthetic import SyntheticIdentities
 from arcface.data.transforms import PIXEL_MEAN, PIXEL_SCALE, prepare_batch
-from arcface.errors import UserError
+from arcface.errors import UserError, first_line
 from arcface.fileio import atomic_write, write_text_atomically
 from arcface.models.base import Backbone
 
@@ -118,7 +118,7 @@ def _onnx_bytes(model: nn.Module, opset: int, backbone: str) -> bytes:
                               output_names=[OUTPUT_NAME], opset_version=opset, do_constant_folding=True,
                               dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}, dynamo=False)
         except Exception as e:  # the exporter raises many types (an op without ONNX form, an opset it lacks, ...)
-            raise UserError(f"backbone {backbone} cannot be exported to ONNX opset {opset} ({_first_line(e)}): "
+            raise UserError(f"backbone {backbone} cannot be exported to ONNX opset {opset} ({first_line(e)}): "
                             f"try another --opset") from None
     return buffer.getvalue()
 
@@ -195,7 +195,7 @@ def mfr_checks(model_bytes: bytes, session, latency_runs: int = 20) -> list[Chec
     try:
         out = session.run(None, {name: _random_batch(32).numpy()})[0]
     except Exception as e:  # onnxruntime's own error types: a fixed batch size, another input shape
-        checks.append(Check("batch of 32", False, f"does not run ({_first_line(e)})"))
+        checks.append(Check("batch of 32", False, f"does not run ({first_line(e)})"))
         return checks
     finite = bool(np.isfinite(out).all())
     checks.append(Check("batch of 32", finite, "finite" if finite else
@@ -211,10 +211,6 @@ def mfr_checks(model_bytes: bytes, session, latency_runs: int = 20) -> list[Chec
     checks.append(Check("CPU latency", None, f"median {statistics.median(times) * 1000:.1f} ms per image (batch 1, "
                         f"{latency_runs} runs on this machine; MFR's budget is 10-30 ms on theirs, by track)"))
     return checks
-
-
-def _first_line(error: Exception) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
 
 
 def export_onnx(model: nn.Module, path: str | Path, *, backbone: str, opset: int = OPSET, mfr: bool = True,

@@ -28,6 +28,8 @@ import time
 from collections import deque
 from pathlib import Path
 
+from arcface.errors import first_line
+
 log = logging.getLogger(__name__)
 
 _THREAD_NAME = "mlflow-tracking"
@@ -123,13 +125,8 @@ def _guarded(method):
             if method.__name__ not in self._broken:
                 self._broken.add(method.__name__)
                 log.warning("MLflow tracking at %s: %s failed (%s); training goes on", self.uri, method.__name__,
-                            _short(error))
+                            first_line(error))
     return call
-
-
-def _short(error: BaseException) -> str:
-    text = (str(error).strip().splitlines() or [type(error).__name__])[0]
-    return text if len(text) <= 240 else text[:237] + "..."
 
 
 def _root(error: BaseException) -> BaseException:
@@ -428,7 +425,7 @@ class MLflowTracker(NullTracker):
             self._metrics.extendleft(reversed(self._sending))
             self._sending = []
             self._trim()
-        self._outage(_short(_root(error)))
+        self._outage(first_line(_root(error)))
 
     def _refuse(self, error: Exception) -> None:
         with self._cond:
@@ -445,10 +442,10 @@ class MLflowTracker(NullTracker):
             first = self._refused == 1
         if self._current == "open":
             log.warning("MLflow tracking at %s refused to open the run (%s); tracking is off for this job",
-                        self.uri, _short(error))
+                        self.uri, first_line(error))
         elif first:
             log.warning("MLflow tracking at %s refused an item (%s); it is dropped, later refusals are only counted",
-                        self.uri, _short(error))
+                        self.uri, first_line(error))
 
     def _check_back(self) -> None:
         with self._cond:

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from arcface.errors import UserError
+from arcface.errors import UserError, first_line
 from arcface.models import create_backbone
 
 
@@ -47,8 +47,7 @@ class OnnxBackbone(nn.Module):
         try:
             self.session = ort.InferenceSession(str(path), providers=_providers(device))
         except Exception as e:  # onnxruntime raises its own exception types for a damaged or foreign file
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            raise UserError(f"{path} cannot be loaded as an ONNX model ({first}): export it again with "
+            raise UserError(f"{path} cannot be loaded as an ONNX model ({first_line(e)}): export it again with "
                             f"tools/export_onnx.py") from None
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         if len(inputs) != 1 or len(inputs[0].shape) != 4 or len(outputs) != 1:

@@ -16,13 +16,9 @@ def default_tracking_uri() -> str:
     return f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
 
 
-def _short(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
-
-
 def existing_run(uri: str, run_id: str):
     """(client, run) of `run_id` in the store at `uri`; a UserError when the store or the run is not there."""
-    from arcface.errors import UserError
+    from arcface.errors import UserError, first_line
 
     # One-shot tools: fail within a minute, not after MLflow's default of minutes of retries.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
@@ -37,11 +33,11 @@ def existing_run(uri: str, run_id: str):
         if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
             raise UserError(f"MLflow run {run_id} is not in {uri}: pass --run-id as printed at the end of training "
                             f"and --tracking-uri of the store that holds it") from None
-        raise UserError(f"the MLflow store {uri} did not answer ({_short(e)}): start it, or pass --tracking-uri") \
-            from None
+        raise UserError(f"the MLflow store {uri} did not answer ({first_line(e)}): start it, or pass "
+                        f"--tracking-uri") from None
     except Exception as e:  # connection refused, unreadable sqlite file, ...
-        raise UserError(f"the MLflow store {uri} cannot be reached ({_short(e)}): start it, or pass --tracking-uri") \
-            from None
+        raise UserError(f"the MLflow store {uri} cannot be reached ({first_line(e)}): start it, or pass "
+                        f"--tracking-uri") from None
     if run.info.lifecycle_stage != "active":
         raise UserError(f"MLflow run {run_id} in {uri} is deleted: restore it in the MLflow UI, or pass another "
                         f"--run-id")
