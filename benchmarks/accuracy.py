@@ -427,7 +427,10 @@ def main(argv: list[str] | None = None) -> int:
     results_dir = args.results or RESULTS
     results_md = args.results_md or (RESULTS_MD if kind == "full" else None)
     if args.render:
-        result = json.loads((results_dir / f"{stem}.json").read_text())
+        recorded = results_dir / f"{stem}.json"
+        if not recorded.is_file():
+            parser.error(f"--render: {recorded} does not exist; run the benchmark with the same size options first")
+        result = json.loads(recorded.read_text())
         result["checks"] = checks(result["heads"], result["families"])
         write_outputs(result, results_dir, results_md)
         return 0
