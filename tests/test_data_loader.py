@@ -1,6 +1,8 @@
 """Sampler and loader: determinism under a seed, disjoint and complete shards, mid-epoch resume, batch contract."""
 from __future__ import annotations
 
+import multiprocessing
+
 import numpy as np
 import pytest
 import torch
@@ -128,3 +130,15 @@ def test_abandoned_epoch_does_not_leak_into_the_next(record_data):
     next(iter(parallel))
     for (ia, la), (ib, lb) in zip(_collect(serial, 1), _collect(parallel, 1)):
         assert torch.equal(ia, ib) and torch.equal(la, lb)
+
+
+def test_close_stops_the_workers_at_once(record_data):
+    # Persistent workers outlive an abandoned epoch; the trainer closes the loader when training ends.
+    before = set(multiprocessing.active_children())  # other tests' loaders may not be collected yet
+    loader = build_loader(record_data, 4, rank=0, world_size=1, seed=2, num_workers=2, device=CPU)
+    loader.set_epoch(0)
+    next(iter(loader))
+    workers = set(multiprocessing.active_children()) - before
+    assert len(workers) == 2
+    loader.close()
+    assert not workers & set(multiprocessing.active_children())

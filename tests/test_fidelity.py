@@ -102,6 +102,9 @@ class _Batches:
         for i in range(self.start, len(self)):
             yield self.images[i * BATCH:(i + 1) * BATCH], self.labels[i * BATCH:(i + 1) * BATCH]
 
+    def close(self) -> None:
+        """Nothing to stop: the batches are in memory."""
+
 
 def _train_losses(tmp_path, margin: str, compat: str) -> list[float]:
     """Each micro-batch's loss over STEPS optimizer steps of the project's trainer, built from the composed config."""

@@ -81,6 +81,10 @@ class DaliLoader:
                 yield out["images"], out["labels"].reshape(-1).long()
         self._mid_epoch = False
 
+    def close(self) -> None:
+        """Release the pipeline (its threads and prefetched batches) before the run's final steps."""
+        self.iterator = None
+
 
 def _cuda_index(device: torch.device) -> int:
     return device.index if device.index is not None else torch.cuda.current_device()

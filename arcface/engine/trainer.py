@@ -149,7 +149,10 @@ class Trainer:
         if self._flags.agree_now(self.stop_request.signal_name is not None):
             self.stopped_by = self.stop_request.signal_name or "a signal on another rank"
         else:
-            self._train()
+            try:
+                self._train()
+            finally:
+                self.loader.close()
         self._save_checkpoint()
         if self.stopped_by is not None and self.step < self.total_steps:
             return self.results
