@@ -10,6 +10,7 @@ in `prepare_batch`; on CUDA batches reach the GPU one batch ahead on a side stre
 """
 from __future__ import annotations
 
+import weakref
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -95,6 +96,14 @@ def _ahead_on_device(batches: Iterator[Batch], device: torch.device) -> Iterator
         yield ready
 
 
+def _stop_workers(loader: DataLoader) -> None:
+    """Shut a DataLoader's persistent workers down while their queues are alive. Left to the garbage collector,
+    its iterator can be finalised after its own queues, and then waits 5 s per worker for a goodbye never sent."""
+    iterator, loader._iterator = loader._iterator, None
+    if iterator is not None:
+        iterator._shutdown_workers()
+
+
 class TrainLoader:
     """Batches of (uint8 (B,3,112,112), int64 (B,)) for one rank; `set_epoch` reshuffles deterministically."""
 
@@ -115,6 +124,7 @@ class TrainLoader:
                                  num_workers=num_workers, persistent_workers=num_workers > 0,
                                  prefetch_factor=_PREFETCH if num_workers > 0 else None,
                                  generator=torch.Generator().manual_seed(seed))
+        self._stop_workers = weakref.finalize(self, _stop_workers, self.loader)
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Select the epoch; `start_batch` > 0 resumes mid-epoch, skipping the batches already trained on."""
@@ -136,11 +146,8 @@ class TrainLoader:
         return _ahead_on_device(batches, self.device) if self.device.type == "cuda" else batches
 
     def close(self) -> None:
-        """Stop the worker processes now. Left to the garbage collector, the persistent workers' iterator can be
-        collected after its own queues, and then waits 5 s per worker for a goodbye that never comes."""
-        iterator, self.loader._iterator = self.loader._iterator, None
-        if iterator is not None:
-            iterator._shutdown_workers()
+        """Stop the worker processes now (they are stopped anyway when this loader is collected)."""
+        self._stop_workers()
 
 
 def build_loader(dataset: Dataset, batch_size: int, *, rank: int, world_size: int, seed: int, num_workers: int,
