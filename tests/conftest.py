@@ -105,6 +105,16 @@ def train_here(args: list[str], workdir: Path) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
 
 
+@pytest.fixture(autouse=True)
+def _environment_put_back():
+    """Every test starts from the same environment: code run in-process may set variables for its process (the
+    MLflow tracker and the tools set MLflow's HTTP retries), and one test's settings must not change another's."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 @pytest.fixture(scope="session")
 def _empty_mlflow_db(tmp_path_factory) -> Path:
     from mlflow import MlflowClient  # imported here: `import mlflow` takes seconds
