@@ -8,6 +8,8 @@ import tempfile
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+mp.set_forkserver_preload(["torch", "torch.distributed", "arcface.heads", "arcface.engine.training_state"])
+
 
 def _gloo_worker(rank: int, fn, world_size: int, store_file: str, args: tuple) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=world_size)
@@ -25,8 +27,11 @@ def spawn_gloo(fn, world_size: int, *args) -> None:
 
     `fn` must be importable (module level). The ranks meet through a file store in a private folder, not a TCP
     store: no port is picked ahead of time (another process could take it before rank 0 listens), and no rank
-    hosts a store server that the others depend on until the very end.
+    hosts a store server that the others depend on until the very end. The processes are forked from one server
+    process that has imported torch once (multiprocessing's forkserver), not each started afresh: seconds saved
+    per group, and no fork of a process that already runs threads.
     """
     with tempfile.TemporaryDirectory(prefix="spawn_gloo_") as folder:
         store = os.path.join(folder, "store")
-        mp.spawn(_gloo_worker, args=(fn, world_size, store, args), nprocs=world_size, join=True)
+        mp.start_processes(_gloo_worker, args=(fn, world_size, store, args), nprocs=world_size, join=True,
+                           start_method="forkserver")
