@@ -10,7 +10,7 @@ from arcface.errors import UserError
 from arcface.models import create_backbone, list_backbones, load_backbone_weights
 from arcface.models.mobilefacenet import MobileFaceNet
 from arcface.models.profiling import peak_memory
-from arcface.models.vit import VisionTransformer
+from arcface.models.vit import DropPath, VisionTransformer
 
 ALL = ["r18", "r34", "r50", "r100", "r200", "r2060", "mbf", "mbf_large",
        "vit_t", "vit_s", "vit_b", "vit_l", "vit_h", "r_tiny"]
@@ -292,10 +292,22 @@ def test_vit_masked_tokens_become_the_mask_token():
 
 def test_vit_drop_path_is_an_option():
     model = on_meta("vit_t", drop_path=0.3)
-    assert model.blocks[-1].drop_path.p == pytest.approx(0.3)
+    assert model.blocks[-1].drop_path.rate == pytest.approx(0.3)
     assert isinstance(on_meta("vit_t", drop_path=0.0).blocks[-1].drop_path, torch.nn.Identity)
     with pytest.raises(ValueError, match="mask_ratio"):
         on_meta("vit_t", mask_ratio=1.0)
+
+
+def test_drop_path_draws_as_torchvisions_stochastic_depth():
+    from torchvision.ops import StochasticDepth
+
+    x, ours, theirs = torch.randn(64, 49, 8), DropPath(0.3), StochasticDepth(0.3, mode="row")
+    torch.manual_seed(1)
+    expected = theirs(x)
+    torch.manual_seed(1)
+    got = ours(x)
+    assert torch.equal(got, expected) and 0 < (got == 0).all(dim=(1, 2)).sum() < 64
+    assert torch.equal(ours.eval()(x), x)
 
 
 def test_unknown_name_is_a_user_error():

@@ -29,7 +29,7 @@ def test_every_backbone_option_builds(option):
 def test_options_reach_the_model():
     model = build(["backbone=vit_t", "backbone.mask_ratio=0.25", "backbone.drop_path=0.2",
                    "backbone.checkpointing=true", "backbone.channels_last=true", "trainer.precision=bf16"])
-    assert model.mask_ratio == 0.25 and model.blocks[-1].drop_path.p == pytest.approx(0.2)
+    assert model.mask_ratio == 0.25 and model.blocks[-1].drop_path.rate == pytest.approx(0.2)
     assert model.checkpointing and model.channels_last and model.precision == "bf16"
 
 
@@ -51,4 +51,4 @@ def test_timm_model_trains_through_the_entrypoint(tmp_path):
     ("vit_t", 0.1, 0.1), ("vit_s", 0.1, 0.1), ("vit_b", 0.1, 0.1), ("vit_l", 0.05, 0.05), ("vit_h", 0.1, 0.0)])
 def test_vit_sizes_carry_the_reference_regularisation(option, drop_path, mask_ratio):
     model = build([f"backbone={option}"])
-    assert model.mask_ratio == mask_ratio and model.blocks[-1].drop_path.p == pytest.approx(drop_path)
+    assert model.mask_ratio == mask_ratio and model.blocks[-1].drop_path.rate == pytest.approx(drop_path)
