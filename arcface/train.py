@@ -151,7 +151,8 @@ def train(cfg: DictConfig, stop_request: StopRequest) -> str | None:
     head = instantiate(cfg.pfc, margin=instantiate(cfg.margin)).to(env.device)
     optimizer = build_optimizer(instantiate(cfg.optimizer), backbone, head)
     loader = build_loader(dataset, cfg.trainer.batch_size, rank=env.rank, world_size=env.world_size,
-                          seed=cfg.trainer.seed, num_workers=cfg.trainer.num_workers, device=env.device)
+                          seed=cfg.trainer.seed, num_workers=cfg.trainer.num_workers, device=env.device,
+                          loader=OmegaConf.select(cfg, "dataset.loader", default="torch"))
     warmup, total = _total_steps(cfg, len(dataset), env.world_size, len(loader))
     schedule = instantiate(cfg.scheduler, warmup_steps=warmup, total_steps=total)
     tracker = instantiate(cfg.tracking) if env.is_main else NullTracker()

@@ -163,12 +163,8 @@ def bench_dali_reference(data: RecordDataset, epochs: int) -> float:
 
 
 def bench_dali_project(data: RecordDataset, epochs: int) -> float:
-    data.loader = "dali"
-    try:
-        loader = build_loader(data, BATCH, rank=0, world_size=1, seed=0, num_workers=2, device=CPU)
-        return timed_epochs(lambda: through_network_input(loader), epochs)
-    finally:
-        data.loader = "torch"
+    loader = build_loader(data, BATCH, rank=0, world_size=1, seed=0, num_workers=2, device=CPU, loader="dali")
+    return timed_epochs(lambda: through_network_input(loader), epochs)
 
 
 def load_average() -> str:

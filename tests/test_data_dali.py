@@ -56,7 +56,7 @@ def test_dali_reader_reads_the_mxnet_continuation_fixture():
 def packed(tmp_path_factory) -> RecordDataset:
     """An InsightFace-layout file written by this project: 5 identities, 30 images."""
     folder = write_rec(tmp_path_factory.mktemp("dali"), [i // 6 for i in range(30)])
-    return RecordDataset(str(folder), num_classes=5, loader="dali")
+    return RecordDataset(str(folder), num_classes=5)
 
 
 def _epoch(loader, epoch: int) -> list[tuple[bytes, int]]:
@@ -66,7 +66,7 @@ def _epoch(loader, epoch: int) -> list[tuple[bytes, int]]:
 
 
 def test_dali_loader_matches_the_torch_contract(packed):
-    loader = build_loader(packed, 5, rank=0, world_size=1, seed=1, num_workers=2, device=CPU)
+    loader = build_loader(packed, 5, rank=0, world_size=1, seed=1, num_workers=2, device=CPU, loader="dali")
     assert type(loader).__name__ == "DaliLoader" and len(loader) == 6
     loader.set_epoch(0)
     images, labels = next(iter(loader))
@@ -79,7 +79,8 @@ def test_dali_loader_matches_the_torch_contract(packed):
 
 
 def test_dali_shards_are_disjoint_and_complete(packed):
-    shards = [_epoch(build_loader(packed, 3, rank=r, world_size=2, seed=4, num_workers=1, device=CPU), 0)
+    shards = [_epoch(build_loader(packed, 3, rank=r, world_size=2, seed=4, num_workers=1, device=CPU,
+                                  loader="dali"), 0)
               for r in range(2)]
     assert len(shards[0]) == len(shards[1]) == 15
     assert not set(shards[0]) & set(shards[1])
@@ -87,7 +88,7 @@ def test_dali_shards_are_disjoint_and_complete(packed):
 
 
 def test_dali_resume_skips_batches(packed):
-    loader = build_loader(packed, 5, rank=0, world_size=1, seed=1, num_workers=1, device=CPU)
+    loader = build_loader(packed, 5, rank=0, world_size=1, seed=1, num_workers=1, device=CPU, loader="dali")
     loader.set_epoch(0, start_batch=4)
     assert len(list(loader)) == 2
 
@@ -103,6 +104,6 @@ def test_dali_refuses_image_folders(tmp_path):
 
     (tmp_path / "a").mkdir()
     Image.new("RGB", (112, 112)).save(tmp_path / "a" / "0.jpg")
-    data = ImageFolderDataset(str(tmp_path), num_classes=1, loader="dali")
+    data = ImageFolderDataset(str(tmp_path), num_classes=1)
     with pytest.raises(UserError, match="RecordIO datasets only"):
-        build_loader(data, 1, rank=0, world_size=1, seed=0, num_workers=1, device=CPU)
+        build_loader(data, 1, rank=0, world_size=1, seed=0, num_workers=1, device=CPU, loader="dali")

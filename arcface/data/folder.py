@@ -28,13 +28,12 @@ class ImageFolderDataset(EncodedImageDataset):
     warning at start-up).
     """
 
-    def __init__(self, root: str, num_classes: int | None = None, *, image_size: int = 112, loader: str = "torch"):
+    def __init__(self, root: str, num_classes: int | None = None, *, image_size: int = 112):
         if not os.path.isdir(root):
             raise UserError(f"dataset.root {root} is not a folder: point it at a folder with one sub-folder of "
                             f"images per identity.")
         self.root = root
         self.image_size = image_size
-        self.loader = loader
         self.classes: list[str] = []
         paths, labels = [], []
         for label, name, files in scan_folders(root):

@@ -5,8 +5,8 @@ stores encoded images decodes each image into a reused buffer and copies it into
 number and the labels travel back. (Sending a fresh tensor per batch costs a shared-memory segment per batch,
 measured at ~90 us of CPU per image here, more than half a JPEG decode.) The main process copies each batch out of
 its slot (into pinned memory on CUDA) before the slot is reused. Flip and scaling to [-1, 1] happen on the device
-in `prepare_batch`; on CUDA batches reach the GPU one batch ahead on a side stream. A dataset with
-`loader="dali"` is read by the DALI pipeline instead.
+in `prepare_batch`; on CUDA batches reach the GPU one batch ahead on a side stream. `build_loader(...,
+loader="dali")` reads RecordIO datasets through the DALI pipeline instead (`dataset.loader=dali`).
 """
 from __future__ import annotations
 
@@ -151,15 +151,14 @@ class TrainLoader:
 
 
 def build_loader(dataset: Dataset, batch_size: int, *, rank: int, world_size: int, seed: int, num_workers: int,
-                 device: torch.device):
-    """The loader the dataset asks for (`dataset.loader`: "torch", the default, or "dali")."""
-    kind = getattr(dataset, "loader", "torch")
-    if kind == "dali":
+                 device: torch.device, loader: str = "torch"):
+    """The training loader `loader` names (`dataset.loader`): "torch", the default, or "dali"."""
+    if loader == "dali":
         from arcface.data.dali import DaliLoader  # optional dependency, imported only when asked for
 
         return DaliLoader(dataset, batch_size, rank=rank, world_size=world_size, seed=seed,
                           num_threads=max(1, num_workers), device=device)
-    if kind != "torch":
-        raise UserError(f"dataset.loader={kind} is not a loader: use dataset.loader=torch or dataset.loader=dali.")
+    if loader != "torch":
+        raise UserError(f"dataset.loader={loader} is not a loader: use dataset.loader=torch or dataset.loader=dali.")
     return TrainLoader(dataset, batch_size, rank=rank, world_size=world_size, seed=seed, num_workers=num_workers,
                        device=device)

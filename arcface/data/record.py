@@ -18,18 +18,16 @@ class RecordDataset(EncodedImageDataset):
     Checked at start-up from the `.idx` and record headers alone (no image is decoded): every offset lies inside
     the `.rec`, and every image's label is a whole number below the class count, which comes from the identity
     records of the InsightFace layout or from the largest label of a plain file, and is checked against
-    `num_classes`. `loader` names the loader the training should use for it ("torch" or "dali", see
-    `arcface.data.loader.build_loader`).
+    `num_classes`.
     """
 
     def __init__(self, root: str, num_classes: int | None, *, rec: str = "train.rec", idx: str = "train.idx",
-                 image_size: int = 112, loader: str = "torch"):
+                 image_size: int = 112):
         if not os.path.isdir(root):
             raise UserError(f"dataset.root {root} is not a folder: point it at the folder holding {rec} and {idx}.")
         self.root = root
         self.num_classes = None if num_classes is None else int(num_classes)  # None: counted from the file
         self.image_size = image_size
-        self.loader = loader
         self.reader = RecordReader(os.path.join(root, rec), os.path.join(root, idx))
         check_offsets(self.reader)
         self.layout = read_layout(self.reader)
