@@ -97,12 +97,8 @@ def test_demo_preset_trains_a_few_steps(preset, tmp_path):
     verification(proc)
 
 
-# timm's globally pooled features do not learn these synthetic identities in a demo's budget (demo_timm.yaml).
-NOT_LEARNING = pytest.mark.xfail(reason="timm's pooled features stay near their start here", strict=True)
-
-
 @pytest.mark.slow  # each preset's whole demo: minutes on 2 cores
-@pytest.mark.parametrize("preset", [pytest.param(p, marks=NOT_LEARNING) if p == "demo_timm" else p for p in DEMOS])
+@pytest.mark.parametrize("preset", DEMOS)
 def test_demo_preset_learns(preset, tmp_path):
     proc = train_here([f"experiment={preset}", "tracking=none"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -1,7 +1,12 @@
-"""Any timm model as a face backbone: its pooled features -> (dropout) -> Linear -> BatchNorm1d embedding.
+"""Any timm model as a face backbone: its features -> (dropout) -> Linear -> BatchNorm1d embedding.
 
 Registered as the `timm` family, so `create_backbone("convnext_tiny")` (Hydra: `backbone=timm
 backbone.name=convnext_tiny`) builds it; extra keyword arguments go to `timm.create_model`.
+
+`pool="flatten"` (the default) embeds the final feature map (or token sequence) flattened, as iresnet's and the
+ViT's heads do: every position has weights of its own, so where a feature lies on the aligned face counts.
+`pool="avg"` embeds timm's globally pooled features instead, which keeps the head small but throws the layout
+away; on the synthetic identities, which differ only by where their colours lie, that head does not learn.
 """
 from __future__ import annotations
 
@@ -30,6 +35,7 @@ class TimmBackbone(Backbone):
         channels_last: bool = False,
         pretrained: bool = False,
         img_size: int = 112,
+        pool: str = "flatten",
         **timm_kwargs,
     ):
         super().__init__(precision, checkpointing, channels_last)
@@ -46,18 +52,35 @@ class TimmBackbone(Backbone):
             except (AssertionError, NotImplementedError, AttributeError):
                 raise UserError(f"timm model {model_name!r} has no gradient checkpointing: "
                                 "set backbone.checkpointing=false") from None
+        if pool not in ("flatten", "avg"):
+            raise UserError(f"backbone.pool={pool} is not a pooling: use backbone.pool=flatten or backbone.pool=avg")
+        self.pool = pool
         self.dropout = nn.Dropout(dropout)
-        # Models with a pre-logits layer (MobileNetV3, MambaOut, ...) return head_hidden_size features, not
-        # num_features, once their classifier is removed.
-        width = getattr(self.trunk, "head_hidden_size", None) or self.trunk.num_features
-        self.fc = nn.Linear(width, embedding_size, bias=False)
+        self.fc = nn.Linear(self._width(img_size), embedding_size, bias=False)
         self.features = nn.BatchNorm1d(embedding_size, eps=2e-5)
         self.finish_init()
+
+    def _width(self, img_size: int) -> int:
+        if self.pool == "avg":
+            # Models with a pre-logits layer (MobileNetV3, MambaOut, ...) return head_hidden_size features, not
+            # num_features, once their classifier is removed.
+            return getattr(self.trunk, "head_hidden_size", None) or self.trunk.num_features
+        # The map's size depends on the model's strides: one forward of an empty face measures it (on the meta
+        # device when the model is built there, at no cost).
+        device = next(self.trunk.parameters()).device
+        was_training = self.trunk.training
+        with torch.no_grad():
+            features = self.trunk.eval().forward_features(torch.zeros(1, 3, img_size, img_size, device=device))
+        self.trunk.train(was_training)
+        return features[0].numel()
+
+    def _trunk(self, x: torch.Tensor) -> torch.Tensor:
+        return self.trunk.forward_features(x).flatten(1) if self.pool == "flatten" else self.trunk(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.prepare_input(x)
         with self.trunk_autocast(x):
-            x = self.trunk(x)
+            x = self._trunk(x)
         return self.features(self.fc(self.dropout(x.float())))
 
 
