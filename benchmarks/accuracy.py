@@ -18,7 +18,6 @@ import dataclasses
 import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -27,9 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from arcface.fileio import atomic_write, write_text_atomically
+from benchmarks.machine import load_average, machine, replace_section
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -247,16 +246,6 @@ def checks(heads: dict, families: dict) -> list[dict]:
 
 # ---- outputs -------------------------------------------------------------------------------------------------------
 
-def machine() -> dict:
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version()}
-
-
-def load_average() -> str:
-    return " ".join(f"{x:.1f}" for x in os.getloadavg())
-
-
 def chart(result: dict, path: Path) -> None:
     import matplotlib
 
@@ -369,25 +358,12 @@ def section(result: dict) -> str:
     return "\n".join(lines)
 
 
-def update_results_md(path: Path, text: str) -> None:
-    """Replace the Accuracy section of `path` (up to the next "## " heading), keeping every other section."""
-    old = path.read_text() if path.exists() else "# Benchmark results\n\n"
-    lines = old.splitlines(keepends=True)
-    start = next((i for i, line in enumerate(lines) if line.rstrip() == SECTION), None)
-    if start is None:
-        new = old.rstrip("\n") + "\n\n" + text
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        new = "".join(lines[:start]) + text + ("\n" if end < len(lines) else "") + "".join(lines[end:])
-    write_text_atomically(path, new)
-
-
 def write_outputs(result: dict, results_dir: Path, results_md: Path | None) -> None:
     results_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomically(results_dir / result["files"]["json"], json.dumps(result, indent=1) + "\n")
     chart(result, results_dir / result["files"]["png"])
     if results_md is not None:
-        update_results_md(results_md, section(result))
+        replace_section(results_md, SECTION, section(result))
 
 
 # ---- entrypoint ------------------------------------------------------------------------------------------------------

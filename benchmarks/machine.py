@@ -1,10 +1,13 @@
-"""One line naming the machine a benchmark ran on, for the records in benchmarks/results/."""
+"""The machine a benchmark ran on, and the shared file of results, for the records in benchmarks/results/."""
 from __future__ import annotations
 
 import os
 import platform
+from pathlib import Path
 
 import torch
+
+from arcface.fileio import write_text_atomically
 
 
 def describe(device: torch.device | None = None) -> str:
@@ -18,3 +21,27 @@ def describe(device: torch.device | None = None) -> str:
     except (OSError, StopIteration):
         pass
     return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+
+
+def machine() -> dict:
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "python": platform.python_version()}
+
+
+def load_average() -> str:
+    return " ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def replace_section(path: Path, heading: str, text: str) -> None:
+    """Replace the section `heading` ("## Name") of `path`, up to the next "## " heading, with `text`, keeping
+    every other section; a missing section is appended."""
+    old = path.read_text() if path.exists() else "# Benchmark results\n\n"
+    lines = old.splitlines(keepends=True)
+    start = next((i for i, line in enumerate(lines) if line.rstrip() == heading), None)
+    if start is None:
+        new = old.rstrip("\n") + "\n\n" + text
+    else:
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        new = "".join(lines[:start]) + text + ("\n" if end < len(lines) else "") + "".join(lines[end:])
+    write_text_atomically(path, new)

@@ -14,7 +14,8 @@ _spec = importlib.util.spec_from_file_location("benchmark", REPO / "tools" / "be
 _benchmark = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_benchmark)  # puts the repository on sys.path, for `benchmarks.*`
 
-from benchmarks.accuracy import FAMILIES, SECTION, VARIANTS, update_results_md  # noqa: E402
+from benchmarks.accuracy import FAMILIES, SECTION, VARIANTS  # noqa: E402
+from benchmarks.machine import replace_section  # noqa: E402
 
 DEMOS = sorted(FAMILIES.values())
 
@@ -74,11 +75,11 @@ def test_smoke_run_with_a_family_adopts_its_training_run(tmp_path):
 def test_results_md_keeps_the_other_sections(tmp_path):
     path = tmp_path / "RESULTS.md"
     path.write_text("# Benchmark results\n\n## Speed\n\nfast\n\n## Accuracy\n\nold numbers\n\n## Memory\n\nsmall\n")
-    update_results_md(path, f"{SECTION}\n\nnew numbers\n")
+    replace_section(path, SECTION, f"{SECTION}\n\nnew numbers\n")
     assert path.read_text() == ("# Benchmark results\n\n## Speed\n\nfast\n\n## Accuracy\n\nnew numbers\n\n"
                                 "## Memory\n\nsmall\n")
     fresh = tmp_path / "fresh.md"
-    update_results_md(fresh, f"{SECTION}\n\nfirst\n")
+    replace_section(fresh, SECTION, f"{SECTION}\n\nfirst\n")
     assert fresh.read_text() == "# Benchmark results\n\n## Accuracy\n\nfirst\n"
 
 

@@ -2,6 +2,7 @@
 
     python tools/benchmark.py gpu --out benchmarks/results/gpu.json     # on a GPU machine, a few minutes
     python tools/benchmark.py accuracy [--quick]                        # held-out accuracy of the heads, CPU
+    python tools/benchmark.py speed [--quick]                           # every speed-up as a same-run ratio, CPU
     python tools/benchmark.py gpu --smoke                               # every GPU-suite path, tiny, on CPU
     python tools/benchmark.py backbones r50 --device cuda --precision bf16
     python tools/benchmark.py data_loader --images 2000
@@ -21,6 +22,8 @@ if str(REPO) not in sys.path:  # runs from a checkout without installing the pac
 
 SUITES = {  # name: (module, one line)
     "accuracy": ("benchmarks.accuracy", "held-out accuracy: heads x 3 seeds, each backbone family's demo (CPU)"),
+    "speed": ("benchmarks.speed", "loader, Partial FC, backbone and end-to-end speed, each against its alternative in "
+                                  "the same run (CPU)"),
     "gpu": ("benchmarks.gpu", "training step, Partial FC, JPEG decode and host syncs on one GPU (--smoke: CPU)"),
     "backbones": ("benchmarks.backbones", "backbone train/eval images/s and memory, with/without checkpointing"),
     "data_loader": ("benchmarks.data_loader", "decode + augment throughput of the data paths on the CPU"),
