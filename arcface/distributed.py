@@ -101,7 +101,9 @@ def gather_objects(obj, dst: int = 0) -> list | None:
 
 
 class _AllGather(torch.autograd.Function):
-    """All-gather whose backward sums every rank's gradient for each chunk and hands it to the chunk's owner."""
+    """All-gather whose backward sums every rank's gradient for each chunk and hands it to the chunk's owner: one
+    reduce-scatter, which sends each rank only its own chunk's sum (an all-reduce per chunk would send every rank
+    every sum, twice the bytes)."""
 
     @staticmethod
     def forward(ctx, tensor: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -111,10 +113,9 @@ class _AllGather(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads: torch.Tensor) -> torch.Tensor:
-        grads = [g.contiguous() for g in grads]
-        for g in grads:
-            dist.all_reduce(g)
-        return grads[dist.get_rank()]
+        own = torch.empty_like(grads[dist.get_rank()])
+        dist.reduce_scatter(own, [g.contiguous() for g in grads])
+        return own
 
 
 def all_gather(tensor: torch.Tensor) -> list[torch.Tensor]:

@@ -47,10 +47,11 @@ def _count_collectives(totals: dict) -> None:
         def counted(*args, _name=name, _original=original, **kwargs):
             tensors = [a for a in args if isinstance(a, torch.Tensor)]
             lists = [a for a in args if isinstance(a, list) and a and isinstance(a[0], torch.Tensor)]
-            # all_gather(out_list, tensor): the payload is the input; all_reduce(tensor) etc.: the tensor itself.
-            payload = tensors[0] if tensors else lists[-1][0]
+            # all_gather(out_list, tensor): the payload is the input tensor; reduce_scatter(out, in_list): the
+            # input list; all_reduce(tensor) etc.: the tensor itself.
+            payload = lists[-1] if _name == "reduce_scatter" else [tensors[0] if tensors else lists[-1][0]]
             totals[_name]["calls"] += 1
-            totals[_name]["bytes"] += payload.numel() * payload.element_size()
+            totals[_name]["bytes"] += sum(t.numel() * t.element_size() for t in payload)
             return _original(*args, **kwargs)
 
         setattr(dist, name, counted)
@@ -99,15 +100,17 @@ def table(result: dict) -> str:
              f"`{result['command']}`: embedding 512, SGD momentum 0.9, one step after the centres and momentum "
              f"exist. Payload = bytes of the tensor this rank hands each collective (rank 0's; every rank's are "
              f"equal). Memory per rank in MiB.", "",
-             "| world | design | C | batch/rank | local rows | sampled | all_gather B (calls) | all_reduce B (calls) "
-             "| RSS before step | step peak over it |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| world | design | C | batch/rank | local rows | sampled | all_gather B (calls) | reduce_scatter B (calls) "
+             "| all_reduce B (calls) | RSS before step | step peak over it |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for p in result["points"]:
         r = p["ranks"][0]
         c = r["collectives"]
-        cell = {k: f"{c[k]['bytes']:,} ({c[k]['calls']})" if k in c else "0" for k in ("all_gather", "all_reduce")}
+        cell = {k: f"{c[k]['bytes']:,} ({c[k]['calls']})" if k in c else "0"
+                for k in ("all_gather", "reduce_scatter", "all_reduce")}
         lines.append(f"| {p['world']} | {p['design']} | {p['classes']:,} | {p['batch_per_rank']} | "
-                     f"{r['local_rows']:,} | {r['sampled_rows']:,} | {cell['all_gather']} | {cell['all_reduce']} | "
+                     f"{r['local_rows']:,} | {r['sampled_rows']:,} | {cell['all_gather']} | {cell['reduce_scatter']} | "
+                     f"{cell['all_reduce']} | "
                      f"{max(q['rss_before_step_mib'] for q in p['ranks'])} | "
                      f"{max(q['step_peak_over_before_mib'] for q in p['ranks'])} |")
     return "\n".join(lines) + "\n"
