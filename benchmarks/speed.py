@@ -1,7 +1,7 @@
 """Speed on this machine, every figure beside its alternative measured in the same run, so each speed-up is a ratio.
 
-    python tools/benchmark.py speed              # about 10 minutes on 2 CPU cores
-    python tools/benchmark.py speed --quick      # smaller sizes, no torch.compile: about 3 minutes
+    python tools/benchmark.py speed              # about 3 minutes on 2 CPU cores
+    python tools/benchmark.py speed --quick      # smaller sizes, no torch.compile: about a minute
     python tools/benchmark.py speed --smoke      # tiny sizes: every code path in seconds, figures meaningless
     python tools/benchmark.py speed --render     # redraw the chart and the RESULTS.md section from the JSON
 
@@ -252,7 +252,7 @@ def write_outputs(result: dict, results_dir: Path, results_md: Path | None) -> N
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     size = parser.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="smaller sizes and no torch.compile (about 3 minutes)")
+    size.add_argument("--quick", action="store_true", help="smaller sizes and no torch.compile (about a minute)")
     size.add_argument("--smoke", action="store_true", help="tiny sizes: checks every code path in seconds")
     parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS)
     parser.add_argument("--results", type=Path, default=RESULTS, help="folder of speed.json and speed.png")
