@@ -113,8 +113,16 @@ class _AllGather(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads: torch.Tensor) -> torch.Tensor:
+        grads = [g.contiguous() for g in grads]
         own = torch.empty_like(grads[dist.get_rank()])
-        dist.reduce_scatter(own, [g.contiguous() for g in grads])
+        try:
+            dist.reduce_scatter(own, grads)
+        except RuntimeError as error:  # gloo of older torch releases has no reduce-scatter: the same sums, slower
+            if "does not support reduce_scatter" not in str(error):
+                raise
+            for g in grads:
+                dist.all_reduce(g)
+            own = grads[dist.get_rank()]
         return own
 
 

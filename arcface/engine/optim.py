@@ -49,8 +49,12 @@ class _RowBlock:
             tensor.index_copy_(0, self.index, values)
 
     def widen(self, tensor: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """The rows in float32, for the arithmetic: `take` for float32 tensors, a widened copy of bfloat16 ones."""
-        return self.take(tensor, out) if tensor.dtype == torch.float32 else self.take(tensor).float()
+        """The rows in float32, for the arithmetic: `take` for float32 tensors, a widened copy of bfloat16 ones
+        (into the front of `out` when given)."""
+        if tensor.dtype == torch.float32:
+            return self.take(tensor, out)
+        narrow = self.take(tensor)
+        return narrow.float() if out is None else out[:narrow.shape[0]].copy_(narrow)
 
     def store(self, tensor: torch.Tensor, values: torch.Tensor) -> None:
         """Write `widen`'s float32 rows back after updating them: as they are, or stochastically rounded to the
