@@ -1,6 +1,6 @@
 """Speed on this machine, every figure beside its alternative measured in the same run, so each speed-up is a ratio.
 
-    python tools/benchmark.py speed              # about 3 minutes on 2 CPU cores
+    python tools/benchmark.py speed              # about 2 minutes on 2 CPU cores
     python tools/benchmark.py speed --quick      # smaller sizes, no torch.compile: about a minute
     python tools/benchmark.py speed --smoke      # tiny sizes: every code path in seconds, figures meaningless
     python tools/benchmark.py speed --render     # redraw the chart and the RESULTS.md section from the JSON
