@@ -5,6 +5,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
+from arcface.errors import UserError
 from arcface.models.base import Backbone
 from arcface.models.timm_adapter import TimmBackbone
 from conftest import CONF, TINY, compose_config, train_here
@@ -36,6 +37,19 @@ def test_options_reach_the_model():
 def test_timm_backbone_by_name_with_extra_timm_arguments():
     model = build(["backbone=timm", "backbone.name=test_vit", "+backbone.drop_path_rate=0.1"])
     assert isinstance(model, TimmBackbone) and model.trunk.patch_embed.img_size == (112, 112)
+
+
+@pytest.mark.parametrize("pool,width", [("flatten", 64 * 3 * 3), ("avg", 64)])
+def test_timm_pool_chooses_the_embedding_layers_input(pool, width):
+    # test_convnext ends in 64 channels at stride 32: a 3x3 map for a 112x112 face.
+    model = build(["backbone=timm", "backbone.name=test_convnext", f"backbone.pool={pool}", "embedding_size=32"])
+    assert model.fc.in_features == width
+    assert model.eval()(torch.zeros(2, 3, 112, 112, device="meta")).shape == (2, 32)
+
+
+def test_unknown_timm_pool_is_one_sentence():
+    with pytest.raises(UserError, match="^backbone.pool=max is not a pooling: use backbone.pool=flatten or "):
+        TimmBackbone("test_convnext", pool="max")
 
 
 def test_timm_model_trains_through_the_entrypoint(tmp_path):
