@@ -433,23 +433,26 @@ def bench_cpu_decoder(jpegs: list[bytes], decode: Callable[[bytes], object], thr
     return {"threads": threads, "images_s": round(len(work) / seconds)}
 
 
-def bench_project_loader(plan: Plan, jpegs: list[bytes], workers: int) -> dict:
-    """The training loader over a RecordIO file of the JPEGs (decode in worker processes into uint8 batches)."""
+def bench_project_loader(plan: Plan, jpegs: list[bytes], workers: int, loader: str = "torch") -> dict:
+    """A training loader over a RecordIO file of the JPEGs: "torch" decodes in worker processes into uint8 batches
+    on the CPU, "device_decode" has the workers read and the plan's device decode."""
     with tempfile.TemporaryDirectory() as tmp:
         with InsightFaceWriter(Path(tmp) / "train.rec", Path(tmp) / "train.idx") as writer:
             classes = min(1000, plan.loader_images)
             for i in range(plan.loader_images):  # a dataset's images come grouped by label, labels increasing
                 writer.add(i * classes // plan.loader_images, jpegs[i % len(jpegs)])
         data = RecordDataset(tmp, num_classes=classes)
-        loader = build_loader(data, plan.batch, rank=0, world_size=1, seed=0, num_workers=workers,
-                              device=torch.device("cpu"))
+        batches = build_loader(data, plan.batch, rank=0, world_size=1, seed=0, num_workers=workers,
+                               device=plan.device if loader == "device_decode" else torch.device("cpu"), loader=loader)
 
         def epoch():
-            return sum(len(images) for images, _ in loader)
+            return sum(len(images) for images, _ in batches)
 
         epoch()  # worker start-up
+        sync(plan.device)
         started = time.perf_counter()
         images = epoch()
+        sync(plan.device)
         return {"workers": workers, "images_s": round(images / (time.perf_counter() - started)), "images": images}
 
 
@@ -481,6 +484,9 @@ def jpeg_items(plan: Plan, report: Report) -> None:
                         lambda d=decode, t=threads: bench_cpu_decoder(jpegs, d, t, plan), need_s=5)
     report.item("jpeg_decode", f"CPU project loader (RecordIO, {cores} worker processes, uint8 batches)",
                 lambda: bench_project_loader(plan, jpegs, cores), need_s=15)
+    report.item("jpeg_decode", f"project device_decode loader (RecordIO, {cores} worker processes read, "
+                               f"{plan.device.type} decodes)",
+                lambda: bench_project_loader(plan, jpegs, cores, "device_decode"), need_s=15)
 
 
 # ---- host syncs ------------------------------------------------------------------------------------------------
@@ -547,6 +553,8 @@ def summarise(data: dict) -> dict:
     rates = {
         "gpu_decode": [r["images_s"] for r in decode if "decode_jpeg" in r["name"] and "images_s" in r],
         "cpu_loader": [r["images_s"] for r in decode if r["name"].startswith("CPU project loader") and "images_s" in r],
+        "device_decode_loader": [r["images_s"] for r in decode if "device_decode loader" in r["name"]
+                                 and "images_s" in r],
         "cpu_threads": [r["images_s"] for r in decode if r["name"].startswith("CPU ") and r.get("threads", 1) > 1
                         and "images_s" in r],
     }
@@ -557,7 +565,7 @@ def summarise(data: dict) -> dict:
     if best["gpu_decode"] and cpu:
         summary["decode"]["gpu_beats_cpu"] = best["gpu_decode"] > cpu
         summary["decode"]["gpu_over_cpu"] = round(best["gpu_decode"] / cpu, 2)
-    for k in ("gpu_decode", "cpu_loader"):
+    for k in ("gpu_decode", "cpu_loader", "device_decode_loader"):
         if best[k] and best_r50:
             summary["decode"][f"{k}_feeds_r50"] = best[k] >= best_r50
             summary["decode"][f"{k}_over_r50_rate"] = round(best[k] / best_r50, 2)

@@ -6,7 +6,8 @@ number and the labels travel back. (Sending a fresh tensor per batch costs a sha
 measured at ~90 us of CPU per image here, more than half a JPEG decode.) The main process copies each batch out of
 its slot (into pinned memory on CUDA) before the slot is reused. Flip and scaling to [-1, 1] happen on the device
 in `prepare_batch`; on CUDA batches reach the GPU one batch ahead on a side stream. `build_loader(...,
-loader="dali")` reads RecordIO datasets through the DALI pipeline instead (`dataset.loader=dali`).
+loader=...)` (`dataset.loader`) picks this loader ("torch"), or for RecordIO datasets one that decodes on the
+training device ("device_decode", arcface.data.device_decode) or NVIDIA DALI's pipeline ("dali").
 """
 from __future__ import annotations
 
@@ -104,24 +105,19 @@ def _stop_workers(loader: DataLoader) -> None:
         iterator._shutdown_workers()
 
 
-class TrainLoader:
-    """Batches of (uint8 (B,3,112,112), int64 (B,)) for one rank; `set_epoch` reshuffles deterministically."""
+class WorkerLoader:
+    """What the loaders with worker processes share: a seeded batch order sharded over ranks (`set_epoch`, mid-epoch
+    resume), a DataLoader whose workers run `tasks[task]` for each task of `order`, and stopping those workers."""
 
-    def __init__(self, dataset: Dataset, batch_size: int, *, rank: int, world_size: int, seed: int,
+    def __init__(self, tasks: Dataset, sampler: ShardedBatchSampler, order, *, batch_size: int, seed: int,
                  num_workers: int, device: torch.device):
         self.batch_size = batch_size
         self.device = torch.device(device)
-        self.sampler = ShardedBatchSampler(len(dataset), batch_size, rank=rank, world_size=world_size, seed=seed)
-        # Slots for every batch a worker may be filling or the main process may not have copied out yet.
-        slots = max(1, num_workers) * _PREFETCH + 2
-        image_shape = tuple(dataset[0][0].shape)
-        self.ring = torch.empty((slots, batch_size) + image_shape, dtype=torch.uint8)
-        if num_workers > 0:
-            self.ring.share_memory_()
+        self.sampler = sampler
         # A generator of its own: each epoch's iterator draws a worker seed from it, and drawing from the global
         # one would shift the flips of a resumed run against the uninterrupted one.
-        self.loader = DataLoader(_Batches(dataset, self.ring), batch_size=None, sampler=_Slotted(self.sampler, slots),
-                                 num_workers=num_workers, persistent_workers=num_workers > 0,
+        self.loader = DataLoader(tasks, batch_size=None, sampler=order, num_workers=num_workers,
+                                 persistent_workers=num_workers > 0,
                                  prefetch_factor=_PREFETCH if num_workers > 0 else None,
                                  generator=torch.Generator().manual_seed(seed))
         self._stop_workers = weakref.finalize(self, _stop_workers, self.loader)
@@ -132,6 +128,26 @@ class TrainLoader:
 
     def __len__(self) -> int:
         return len(self.sampler)
+
+    def close(self) -> None:
+        """Stop the worker processes now (they are stopped anyway when this loader is collected)."""
+        self._stop_workers()
+
+
+class TrainLoader(WorkerLoader):
+    """Batches of (uint8 (B,3,112,112), int64 (B,)) for one rank; `set_epoch` reshuffles deterministically."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, *, rank: int, world_size: int, seed: int,
+                 num_workers: int, device: torch.device):
+        sampler = ShardedBatchSampler(len(dataset), batch_size, rank=rank, world_size=world_size, seed=seed)
+        # Slots for every batch a worker may be filling or the main process may not have copied out yet.
+        slots = max(1, num_workers) * _PREFETCH + 2
+        image_shape = tuple(dataset[0][0].shape)
+        self.ring = torch.empty((slots, batch_size) + image_shape, dtype=torch.uint8)
+        if num_workers > 0:
+            self.ring.share_memory_()
+        super().__init__(_Batches(dataset, self.ring), sampler, _Slotted(sampler, slots), batch_size=batch_size,
+                         seed=seed, num_workers=num_workers, device=device)
 
     def _copied_out(self) -> Iterator[Batch]:
         pinned = self.device.type == "cuda"
@@ -145,20 +161,25 @@ class TrainLoader:
         batches = self._copied_out()
         return _ahead_on_device(batches, self.device) if self.device.type == "cuda" else batches
 
-    def close(self) -> None:
-        """Stop the worker processes now (they are stopped anyway when this loader is collected)."""
-        self._stop_workers()
+
+LOADERS = ("torch", "device_decode", "dali")
 
 
 def build_loader(dataset: Dataset, batch_size: int, *, rank: int, world_size: int, seed: int, num_workers: int,
                  device: torch.device, loader: str = "torch"):
-    """The training loader `loader` names (`dataset.loader`): "torch", the default, or "dali"."""
+    """The training loader `loader` names (`dataset.loader`): "torch" (the default), "device_decode" or "dali"."""
     if loader == "dali":
         from arcface.data.dali import DaliLoader  # optional dependency, imported only when asked for
 
         return DaliLoader(dataset, batch_size, rank=rank, world_size=world_size, seed=seed,
                           num_threads=max(1, num_workers), device=device)
+    if loader == "device_decode":
+        from arcface.data.device_decode import DeviceDecodeLoader  # imports torchvision: only when asked for
+
+        return DeviceDecodeLoader(dataset, batch_size, rank=rank, world_size=world_size, seed=seed,
+                                  num_workers=num_workers, device=device)
     if loader != "torch":
-        raise UserError(f"dataset.loader={loader} is not a loader: use dataset.loader=torch or dataset.loader=dali.")
+        raise UserError(f"dataset.loader={loader} is not a loader: use one of "
+                        f"{', '.join(f'dataset.loader={name}' for name in LOADERS)}.")
     return TrainLoader(dataset, batch_size, rank=rank, world_size=world_size, seed=seed, num_workers=num_workers,
                        device=device)

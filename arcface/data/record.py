@@ -61,13 +61,23 @@ class RecordDataset(EncodedImageDataset):
         payload, _ = self.reader.read_at(offset, key)
         return (key, offset) + self.reader.unpack_checked(payload, offset, key)
 
-    def load_into(self, index: int, out: np.ndarray) -> int:
-        """Decode image `index` into `out` (uint8 (H, W, 3)) and return its label."""
+    def _labelled(self, index: int) -> tuple[int, int, int, bytes]:
+        """(key, offset, label, image bytes) of image `index`, its label checked against the class count."""
         key, offset, header, data = self._record(index)
         label = int(first_label(header))
         if not 0 <= label < self.num_classes:
             raise UserError(f"record {key} at offset {offset} of {self.reader.rec_path} has label {label}, outside "
                             f"0..{self.num_classes - 1}: set dataset.num_classes to the number of classes in the file.")
+        return key, offset, label, data
+
+    def encoded(self, index: int) -> tuple[int, bytes, int]:
+        """(record key, encoded image bytes, label) of image `index`, for loaders that decode elsewhere."""
+        key, _, label, data = self._labelled(index)
+        return key, data, label
+
+    def load_into(self, index: int, out: np.ndarray) -> int:
+        """Decode image `index` into `out` (uint8 (H, W, 3)) and return its label."""
+        key, offset, label, data = self._labelled(index)
         try:
             decode_into(data, out)
         except ValueError as e:
