@@ -13,6 +13,7 @@ from arcface.engine.schedule import WARMUPS
 from arcface.engine.trainer import ACCUMULATIONS, NONFINITE_POLICIES
 from arcface.errors import UserError
 from arcface.evaluation.verification import XNORMS
+from arcface.data.loader import LOADERS
 from arcface.heads.partial_fc import STORAGE_DTYPES
 from arcface.precision import PRECISIONS
 
@@ -91,6 +92,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "trainer.xnorm": XNORMS,
     "scheduler.warmup": WARMUPS,
     "pfc.storage_dtype": tuple(STORAGE_DTYPES),
+    "dataset.loader": LOADERS,  # only the RecordIO datasets have the key
 }
 
 
@@ -107,6 +109,6 @@ def check_config(cfg: DictConfig) -> None:
         if not isinstance(value, bool):
             raise UserError(f"{key}={value!r} is invalid: set {key}=true or {key}=false")
     for key, choices in CHOICES.items():
-        value = OmegaConf.select(cfg, key)
-        if value not in choices:
+        value = OmegaConf.select(cfg, key, default="<absent>")
+        if value != "<absent>" and value not in choices:
             raise UserError(f"{key}={value} is unknown: set {key} to one of {', '.join(choices)}")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
 import sys
 import time
 
@@ -21,7 +20,7 @@ import torch
 from arcface.models import create_backbone
 from arcface.models.profiling import PeakMemory
 from arcface.precision import PRECISIONS
-from benchmarks.machine import describe
+from benchmarks.machine import describe, load_average
 
 VARIANTS = {  # name: backbone options
     "plain": {},
@@ -109,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             lines.append(line)
             print(line, flush=True)
     if args.out:
-        load = " ".join(f"{v:.2f}" for v in os.getloadavg())
+        load = load_average()
         header = [
             "# Backbone benchmark",
             "",

@@ -19,7 +19,6 @@ import argparse
 import ctypes
 import datetime
 import json
-import os
 import platform
 import statistics
 import sys
@@ -36,7 +35,7 @@ from arcface.evaluation.ijb import read_pairs, score_pairs, template_features
 from arcface.evaluation.roc import FARS, roc_curve
 from arcface.evaluation.verification import THRESHOLDS, verification_scores
 from arcface.fileio import write_text_atomically
-from benchmarks.machine import describe
+from benchmarks.machine import describe, load_average
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MIB = 1 << 20
@@ -238,8 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tmp", default=None, help="where the pair file is written for the reading test")
     parser.add_argument("--name", default="evaluation", help="results go to benchmarks/results/NAME.{md,json}")
     args = parser.parse_args(argv)
-    load = lambda: " ".join(f"{v:.2f}" for v in os.getloadavg())  # noqa: E731
-    result = {"machine": machine(), "load_before": load(),
+    result = {"machine": machine(), "load_before": load_average(),
               "date": f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC"}
     result["kfold"] = kfold(max(1, args.repeat) * 5)
     print(json.dumps(result["kfold"]), flush=True)
@@ -247,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         args.repeat = max(1, args.repeat // 2)
         result["ijb"] = ijb(args)
         print(json.dumps(result["ijb"]), flush=True)
-    result["load_after"] = load()
+    result["load_after"] = load_average()
     command = "python tools/benchmark.py evaluation " + " ".join(argv if argv is not None else sys.argv[1:])
     write_text_atomically(RESULTS / f"{args.name}.json", json.dumps(result, indent=2) + "\n")
     write_text_atomically(RESULTS / f"{args.name}.md", markdown(result, command.strip()))

@@ -30,6 +30,7 @@ from conftest import TINY, compose_config
     ("trainer.precision=fp8", "trainer.precision"),
     ("trainer.batch_size=0", "trainer.batch_size"),
     ("trainer.max_steps=0", "trainer.max_steps"),
+    ("dataset=rec dataset.loader=nvjpeg", "dataset.loader"),
 ])
 def test_bad_values_name_the_key(override, key):
     cfg = compose_config(override.split())
@@ -38,7 +39,8 @@ def test_bad_values_name_the_key(override, key):
 
 
 @pytest.mark.parametrize("overrides", [[], ["trainer.grad_clip=null"], ["margin=sphereface"], ["margin=adaface"],
-                                       ["optimizer=adamw"], ["experiment=ms1mv3_r50"], ["pfc.rate=0"]])
+                                       ["optimizer=adamw"], ["experiment=ms1mv3_r50"], ["pfc.rate=0"],
+                                       ["dataset=folder"], ["dataset=rec", "dataset.loader=device_decode"]])
 def test_shipped_settings_pass(overrides):
     check_config(compose_config(overrides))
 
