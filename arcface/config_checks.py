@@ -83,9 +83,9 @@ RULES: dict[str, Range] = {
 }
 
 # `=no` would arrive as a string, which is truthy
-FLAGS = ("trainer.verify_at_start", "trainer.verify_at_end", "trainer.export_onnx")
+FLAGS = ("trainer.verify_at_start", "trainer.verify_at_end", "trainer.export_onnx", "trainer.cudnn_benchmark")
 
-CHOICES: dict[str, tuple[str, ...]] = {
+CHOICES: dict[str, tuple[str | bool, ...]] = {
     "trainer.precision": tuple(PRECISIONS),
     "trainer.on_nonfinite": NONFINITE_POLICIES,
     "trainer.accumulate": ACCUMULATIONS,
@@ -93,7 +93,13 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "scheduler.warmup": WARMUPS,
     "pfc.storage_dtype": tuple(STORAGE_DTYPES),
     "dataset.loader": LOADERS,  # only the RecordIO datasets have the key
+    "backbone.channels_last": ("auto", True, False),
 }
+
+
+def _spelled(choice: str | bool) -> str:
+    """A choice as it is written in YAML and on the command line."""
+    return str(choice).lower() if isinstance(choice, bool) else choice
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -111,4 +117,4 @@ def check_config(cfg: DictConfig) -> None:
     for key, choices in CHOICES.items():
         value = OmegaConf.select(cfg, key, default="<absent>")
         if value != "<absent>" and value not in choices:
-            raise UserError(f"{key}={value} is unknown: set {key} to one of {', '.join(choices)}")
+            raise UserError(f"{key}={value} is unknown: set {key} to one of {', '.join(map(_spelled, choices))}")

@@ -31,6 +31,8 @@ from conftest import TINY, compose_config
     ("trainer.batch_size=0", "trainer.batch_size"),
     ("trainer.max_steps=0", "trainer.max_steps"),
     ("dataset=rec dataset.loader=nvjpeg", "dataset.loader"),
+    ("backbone.channels_last=yes", "backbone.channels_last"),
+    ("trainer.cudnn_benchmark=fast", "trainer.cudnn_benchmark"),
 ])
 def test_bad_values_name_the_key(override, key):
     cfg = compose_config(override.split())
@@ -43,6 +45,12 @@ def test_bad_values_name_the_key(override, key):
                                        ["dataset=folder"], ["dataset=rec", "dataset.loader=device_decode"]])
 def test_shipped_settings_pass(overrides):
     check_config(compose_config(overrides))
+
+
+def test_choices_are_spelled_as_in_yaml():
+    with pytest.raises(UserError, match=r"^backbone.channels_last=yes is unknown: set backbone.channels_last to one "
+                                        r"of auto, true, false$"):
+        check_config(compose_config(["backbone.channels_last=yes"]))
 
 
 def test_the_installed_command_prints_one_line_and_exits_2(tmp_path):

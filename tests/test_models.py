@@ -251,6 +251,20 @@ def test_channels_last_matches_contiguous(build):
         torch.testing.assert_close(cl(images()), plain(images()), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("cuda", [True, False])
+def test_channels_last_auto_follows_cuda(monkeypatch, cuda):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    model = create_backbone("r_tiny", channels_last="auto")
+    conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert model.channels_last is cuda
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last) is cuda
+
+
+def test_channels_last_takes_only_true_false_auto():
+    with pytest.raises(UserError, match=r"^backbone.channels_last='nhwc' is invalid: set it to true, false or auto$"):
+        create_backbone("r_tiny", channels_last="nhwc")
+
+
 @pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
 def test_precision_region_keeps_the_embedding_in_fp32(precision, dtype):
     model = create_backbone("r_tiny", precision=precision).eval()

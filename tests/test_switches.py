@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 import pytest
+import torch
 import torch.nn as nn
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
@@ -35,12 +36,15 @@ def test_pair_sets_kept_by_the_command_line(drop, kept):
     assert all(node.path == f"/data/ms1m/{name}.bin" for name, node in selected.items())
 
 
-def test_readme_command_trains_without_pair_sets(tmp_path):
+def test_readme_command_trains_without_pair_sets(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)  # put back after the test
     # ms1mv3 verifies on lfw/cfp_fp/agedb_30 .bin files, which this folder does not have.
     proc = train_here(["dataset=ms1mv3", f"dataset.root={FIXTURES / 'insightface_header'}", "dataset.val={}",
                        "backbone=r_tiny", "embedding_size=64", "dataset.num_classes=12", "trainer.batch_size=8",
-                       "trainer.max_steps=2", "trainer.num_workers=0", "tracking=none"], tmp_path)
+                       "trainer.max_steps=2", "trainer.num_workers=0", "tracking=none",
+                       "trainer.cudnn_benchmark=false"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert torch.backends.cudnn.benchmark is False
     assert (tmp_path / "run" / "model.pt").is_file()
     assert "accuracy" not in proc.stdout + proc.stderr
 

@@ -8,7 +8,19 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
+from arcface.errors import UserError
 from arcface.precision import precision_dtype
+
+
+def wants_channels_last(setting: bool | str) -> bool:
+    """`backbone.channels_last`: true, false, or auto = NHWC where CUDA is available (the trainer then trains there).
+
+    On an H200, r50 in bf16 trained 1.47x faster in NHWC than in NCHW (benchmarks/results/gpu_h200_rerun.md); on
+    the CPU it trained r50 slower (benchmarks/results/backbones.md) and crashes torch's kernels on thin layers.
+    """
+    if not isinstance(setting, bool) and setting != "auto":
+        raise UserError(f"backbone.channels_last={setting!r} is invalid: set it to true, false or auto")
+    return torch.cuda.is_available() if setting == "auto" else setting
 
 
 @contextlib.contextmanager
@@ -38,12 +50,12 @@ class Backbone(nn.Module):
     around the trunk and `self.run_blocks(...)` over the repeated blocks; the embedding layers stay in fp32.
     """
 
-    def __init__(self, precision: str = "fp32", checkpointing: bool = False, channels_last: bool = False):
+    def __init__(self, precision: str = "fp32", checkpointing: bool = False, channels_last: bool | str = False):
         super().__init__()
         self.precision = precision
         self.trunk_dtype = precision_dtype(precision, "backbone.precision")
         self.checkpointing = checkpointing
-        self.channels_last = channels_last
+        self.channels_last = wants_channels_last(channels_last)
 
     def finish_init(self) -> None:
         if self.channels_last:

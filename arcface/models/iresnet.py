@@ -49,7 +49,7 @@ class IResNet(Backbone):
         dropout: float = 0.0,
         precision: str = "fp32",
         checkpointing: bool = False,
-        channels_last: bool = False,
+        channels_last: bool | str = False,
     ):
         super().__init__(precision, checkpointing, channels_last)
         self.conv1 = conv3x3(3, widths[0])

@@ -87,7 +87,7 @@ class MobileFaceNet(Backbone):
         dropout: float = 0.0,
         precision: str = "fp32",
         checkpointing: bool = False,
-        channels_last: bool = False,
+        channels_last: bool | str = False,
     ):
         super().__init__(precision, checkpointing, channels_last)
         c1, c2 = 64 * scale, 128 * scale

@@ -32,7 +32,7 @@ class TimmBackbone(Backbone):
         dropout: float = 0.0,
         precision: str = "fp32",
         checkpointing: bool = False,
-        channels_last: bool = False,
+        channels_last: bool | str = False,
         pretrained: bool = False,
         img_size: int = 112,
         pool: str = "flatten",

@@ -100,7 +100,7 @@ class VisionTransformer(Backbone):
         mask_ratio: float = 0.0,
         precision: str = "fp32",
         checkpointing: bool = False,
-        channels_last: bool = False,
+        channels_last: bool | str = False,
     ):
         super().__init__(precision, checkpointing, channels_last)
         if not 0.0 <= mask_ratio < 1.0:
