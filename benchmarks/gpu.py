@@ -8,10 +8,13 @@ what it measured; an item that fails records its error and the run goes on; once
 remaining items are recorded as skipped):
 - environment: GPU, torch/CUDA versions, commit; the measured peak of a large bf16 and fp16 matmul.
 - backbones: a full training step (backbone forward, Partial FC ArcFace loss over 100k classes at rate 1,
-  backward, gradient clipping, SGD step; GradScaler with fp16, as the trainer does) at batch 128, for r50/r100 in
-  bf16/fp16, NCHW/channels_last, eager/torch.compile: samples/s, peak memory, MFU (FLOPs per trained sample =
-  3 x 2 x forward MACs counted by arcface.models.profiling), compile time, ratio to eager fp16 NCHW r50; then the
-  largest r50 bf16 channels_last batch that fits.
+  backward, gradient clipping, SGD step; GradScaler with fp16, as the trainer does) at batch 128, for r50/r100/mbf
+  in bf16/fp16, NCHW/channels_last, with and without cuDNN autotuning, eager / CUDA-graphed backbone
+  (torch.cuda.make_graphed_callables) / torch.compile (default and reduce-overhead): samples/s, peak memory, MFU
+  (FLOPs per trained sample = 3 x 2 x forward MACs counted by arcface.models.profiling), compile time, ratio to
+  eager fp16 NCHW r50; then the largest r50 bf16 channels_last batch that fits.
+- profile: where the trainer's default GPU step (r50 bf16 channels_last, cuDNN autotuning, batch 128) spends its
+  time: wall ms per step, host ms to issue it, GPU busy ms (the union of kernel intervals) and the top kernels.
 - partial_fc: forward + backward + optimizer step of PartialFC alone (embedding 512, batch 128, rate 0.1) at
   1M/4M/16M classes, row-sparse updates vs the dense gradient: step time and peak memory.
 - jpeg_decode: batched nvJPEG decode (torchvision.io.decode_jpeg on the GPU) of 112x112 q95 synthetic faces vs the
@@ -61,10 +64,28 @@ from arcface.precision import needs_loss_scaling
 from benchmarks.host_syncs import HostReads, cuda_sync_warnings, tally
 
 REPO = Path(__file__).resolve().parents[1]
-SECTIONS = ("matmul", "backbones", "partial_fc", "jpeg_decode", "host_syncs")
+SECTIONS = ("matmul", "backbones", "profile", "partial_fc", "jpeg_decode", "host_syncs")
 GIB = 2**30
 EMBEDDING = 512
 BASELINE = "r50 eager fp16 NCHW"
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One way to train a backbone, as the backbones section times it."""
+
+    backbone: str
+    precision: str
+    channels_last: bool
+    # eager | compiled (torch.compile, default mode) | compiled reduce-overhead (with CUDA graphs) |
+    # graphed (the backbone's forward and backward as CUDA graphs: torch.cuda.make_graphed_callables; CUDA only)
+    mode: str = "eager"
+    cudnn_benchmark: bool = False
+
+    @property
+    def name(self) -> str:
+        layout = "channels_last" if self.channels_last else "NCHW"
+        return f"{self.backbone} {self.mode} {self.precision} {layout}" + (" cudnn.benchmark" * self.cudnn_benchmark)
 
 
 @dataclass
@@ -80,11 +101,16 @@ class Plan:
     warmup: int = 3
     seconds: float = 2.0  # each timed measurement runs steps for about this long
     max_steps: int = 50
-    # (backbone, precision, channels_last, compiled), cheap first; the first is the baseline
-    eager: list = field(default_factory=lambda: [("r50", "fp16", False), ("r50", "bf16", False),
-                                                 ("r50", "bf16", True), ("r100", "bf16", True)])
-    compiled: list = field(default_factory=lambda: [("r50", "bf16", True), ("r50", "fp16", True),
-                                                    ("r100", "bf16", True)])
+    # Cheap first; the first is the baseline. cuDNN's autotuning is on in the trainer (trainer.cudnn_benchmark)
+    # and in the reference; the rows without it keep the earlier runs comparable.
+    eager: list = field(default_factory=lambda: [
+        Variant("r50", "fp16", False), Variant("r50", "fp16", False, cudnn_benchmark=True),
+        Variant("r50", "bf16", False), Variant("r50", "bf16", True), Variant("r50", "bf16", True, cudnn_benchmark=True),
+        Variant("r50", "bf16", True, "graphed", cudnn_benchmark=True), Variant("r100", "bf16", True),
+        Variant("mbf", "bf16", False, cudnn_benchmark=True), Variant("mbf", "bf16", True, cudnn_benchmark=True)])
+    compiled: list = field(default_factory=lambda: [
+        Variant("r50", "bf16", True, "compiled"), Variant("r50", "bf16", True, "compiled reduce-overhead"),
+        Variant("r100", "bf16", True, "compiled")])
     compile_need_s: dict = field(default_factory=lambda: {"r50": 100, "r100": 170})
     big_batches: tuple = (256, 512, 1024, 2048, 4096, 8192)
     pfc_classes: tuple = (1_000_000, 4_000_000, 16_000_000)
@@ -96,6 +122,8 @@ class Plan:
     sync_classes: int = 1_000_000
     sync_precisions: tuple = ("bf16", "fp16")
     sync_steps: int = 3
+    profile: Variant = Variant("r50", "bf16", True, cudnn_benchmark=True)  # the trainer's default on a GPU
+    profile_steps: int = 3
 
     @classmethod
     def smoke(cls, device: torch.device) -> "Plan":
@@ -103,10 +131,12 @@ class Plan:
         # CPU kernels; 16 is fine. fp32 stands in for fp16, whose CPU convolutions are ten times slower than bf16's.
         return cls(device, compile_backend="eager", matmul=256, batch=2, head_classes=1000, warmup=0, seconds=0.01,
                    max_steps=2, backbone_kwargs={"widths": (16, 16, 32, 32)},
-                   eager=[("r_tiny", "fp32", False), ("r_tiny", "bf16", True)], compiled=[("r_tiny", "bf16", True)],
+                   eager=[Variant("r_tiny", "fp32", False), Variant("r_tiny", "bf16", True)],
+                   compiled=[Variant("r_tiny", "bf16", True, "compiled")],
                    compile_need_s={"r_tiny": 5}, big_batches=(4,), pfc_classes=(1000, 4000), jpegs=8,
                    loader_images=64, gpu_decode_batches=(8,), sync_backbone="r_tiny", sync_classes=1000,
-                   sync_precisions=("bf16",), sync_steps=2)
+                   sync_precisions=("bf16",), sync_steps=2,
+                   profile=Variant("r_tiny", "bf16", True), profile_steps=1)
 
 
 class Report:
@@ -260,28 +290,35 @@ def sgd(lr: float = 0.1):
 
 
 class TrainSetup:
-    """Backbone (optionally compiled), Partial FC head, optimizer and scaler on the device."""
+    """A variant's backbone (eager, compiled or CUDA-graphed), Partial FC head, optimizer and scaler on the device."""
 
-    def __init__(self, plan: Plan, name: str, precision: str, channels_last: bool, compiled: bool = False,
-                 classes: int | None = None, rate: float = 1.0):
+    def __init__(self, plan: Plan, variant: Variant, classes: int | None = None, rate: float = 1.0):
         torch.manual_seed(0)
-        self.device = plan.device
-        self.backbone = create_backbone(name, precision=precision, channels_last=channels_last,
-                                        **plan.backbone_kwargs).to(plan.device)
+        torch.backends.cudnn.benchmark = variant.cudnn_benchmark
+        self.device, self.variant = plan.device, variant
+        self.backbone = create_backbone(variant.backbone, precision=variant.precision,
+                                        channels_last=variant.channels_last, **plan.backbone_kwargs).to(plan.device)
         self.backbone.train()
-        self.model = torch.compile(self.backbone, backend=plan.compile_backend) if compiled else self.backbone
+        self.model = self.backbone
+        if variant.mode.startswith("compiled"):
+            mode = variant.mode.removeprefix("compiled").strip() or None
+            self.model = torch.compile(self.backbone, backend=plan.compile_backend, mode=mode)
         self.classes = classes or plan.head_classes
         self.head = PartialFC(CombinedMargin(), EMBEDDING, self.classes, rate=rate).to(plan.device)
         self.optimizer = build_optimizer(sgd(), self.backbone, self.head)
         # As the trainer: a GradScaler only for fp16 on a GPU.
-        self.scaler = torch.amp.GradScaler(plan.device.type, enabled=needs_loss_scaling(precision, plan.device))
+        self.scaler = torch.amp.GradScaler(plan.device.type,
+                                           enabled=needs_loss_scaling(variant.precision, plan.device))
 
     def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         x = torch.rand(size, 3, 112, 112, device=self.device) * 2 - 1
         return x, torch.randint(0, self.classes, (size,), device=self.device)
 
     def step(self, x: torch.Tensor, labels: torch.Tensor) -> Callable:
-        return training_step(self.model, self.backbone, self.head, self.optimizer, self.scaler, x, labels)
+        model = self.model
+        if self.variant.mode == "graphed":  # captured for this input's shape (after a few warm-up passes)
+            model = torch.cuda.make_graphed_callables(self.backbone, (x,))
+        return training_step(model, self.backbone, self.head, self.optimizer, self.scaler, x, labels)
 
 
 @functools.lru_cache(maxsize=None)
@@ -299,9 +336,8 @@ def mfu_fields(samples_s: float, name: str, plan: Plan, peaks: dict[str, float])
     return out
 
 
-def bench_backbone(plan: Plan, name: str, precision: str, channels_last: bool, compiled: bool,
-                   peaks: dict[str, float]) -> dict:
-    setup = TrainSetup(plan, name, precision, channels_last, compiled)
+def bench_backbone(plan: Plan, variant: Variant, peaks: dict[str, float]) -> dict:
+    setup = TrainSetup(plan, variant)
     step = setup.step(*setup.batch(plan.batch))
     started = time.perf_counter()
     step()
@@ -313,15 +349,15 @@ def bench_backbone(plan: Plan, name: str, precision: str, channels_last: bool, c
     seconds, steps = seconds_per_call(step, plan)
     samples_s = plan.batch / seconds
     row = {"batch": plan.batch, "samples_s": round(samples_s, 1), "step_ms": round(1e3 * seconds, 2),
-           "steps": steps, "peak_gib": peak_gib(plan.device), **mfu_fields(samples_s, name, plan, peaks)}
-    if compiled:  # the first step compiles forward and backward; one ordinary step of it was not compilation
+           "steps": steps, "peak_gib": peak_gib(plan.device), **mfu_fields(samples_s, variant.backbone, plan, peaks)}
+    if variant.mode.startswith("compiled"):  # the first step compiled forward and backward; one step's time did not
         row["compile_s"] = round(first_s - seconds, 1)
     return row
 
 
 def bench_largest_batch(plan: Plan, name: str, peaks: dict[str, float]) -> dict:
     """bf16 channels_last eager at growing batches until one does not fit; every batch that fit is timed."""
-    setup = TrainSetup(plan, name, "bf16", True)
+    setup = TrainSetup(plan, Variant(name, "bf16", True))
     tried = []
     for batch in plan.big_batches:
         try:
@@ -348,8 +384,58 @@ def bench_largest_batch(plan: Plan, name: str, peaks: dict[str, float]) -> dict:
             "best_samples_s": best.get("samples_s"), "best_mfu_vs_spec": best.get("mfu_vs_spec"), "tried": tried}
 
 
-def variant_name(name: str, precision: str, channels_last: bool, compiled: bool) -> str:
-    return f"{name} {'compiled' if compiled else 'eager'} {precision} {'channels_last' if channels_last else 'NCHW'}"
+def busy_us(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of (start, end) intervals: the time at least one of them was running."""
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
+
+
+def bench_profile(plan: Plan, variant: Variant, top: int = 12) -> dict:
+    """Where a training step's time goes. Wall time per step (unprofiled), the time the host takes to issue one
+    step, and (profiled) the time the GPU is busy per step with the kernels that take most of it. GPU busy well
+    below the wall time means the host cannot issue work fast enough; near it, the kernels are the limit."""
+    from torch.profiler import ProfilerActivity, profile
+
+    setup = TrainSetup(plan, variant)
+    step = setup.step(*setup.batch(plan.batch))
+    for _ in range(1 + plan.warmup):
+        step()
+    seconds, _ = seconds_per_call(step, plan)
+    sync(plan.device)
+    started = time.perf_counter()
+    step()  # returns once every kernel is queued (unless the launch queue is full, then it waits)
+    host_s = time.perf_counter() - started
+    sync(plan.device)
+    cuda = plan.device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda) as prof:
+        for _ in range(plan.profile_steps):
+            step()
+        sync(plan.device)
+    row = {"batch": plan.batch, "step_ms": round(1e3 * seconds, 2), "host_issue_ms": round(1e3 * host_s, 2)}
+    steps = plan.profile_steps
+    if cuda:
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        busy = busy_us([(e.time_range.start, e.time_range.end) for e in kernels]) / steps
+        totals: dict[str, list[float]] = {}
+        for e in kernels:
+            entry = totals.setdefault(e.name, [0.0, 0])
+            entry[0] += e.time_range.end - e.time_range.start
+            entry[1] += 1
+        row.update(gpu_busy_ms=round(busy / 1e3, 2), gpu_busy_share=round(busy / 1e3 / row["step_ms"], 3),
+                   kernels_per_step=round(len(kernels) / steps), what="GPU kernels, time per step")
+        ranked = sorted(totals.items(), key=lambda kv: -kv[1][0])[:top]
+        row["top"] = [{"name": name[:100], "ms": round(us / steps / 1e3, 3), "calls": round(calls / steps),
+                       "share_of_busy": round(us / steps / busy, 3)} for name, (us, calls) in ranked]
+    else:
+        ranked = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:top]
+        row.update(what="CPU ops (self time) per step: no GPU to profile")
+        row["top"] = [{"name": e.key[:100], "ms": round(e.self_cpu_time_total / steps / 1e3, 3),
+                       "calls": round(e.count / steps)} for e in ranked]
+    return row
 
 
 # ---- Partial FC ------------------------------------------------------------------------------------------------
@@ -493,7 +579,7 @@ def jpeg_items(plan: Plan, report: Report) -> None:
 
 def sync_step(plan: Plan, precision: str) -> tuple[Callable, TrainSetup]:
     """A trainer-like step including the input path: pinned uint8 batch -> device -> prepare_batch."""
-    setup = TrainSetup(plan, plan.sync_backbone, precision, True, classes=plan.sync_classes, rate=0.1)
+    setup = TrainSetup(plan, Variant(plan.sync_backbone, precision, True), classes=plan.sync_classes, rate=0.1)
     images = torch.randint(0, 256, (plan.batch, 3, 112, 112), dtype=torch.uint8)
     labels = torch.randint(0, setup.classes, (plan.batch,))
     if plan.device.type == "cuda":
@@ -590,6 +676,8 @@ def tables(data: dict) -> str:
                       "skipped"],
         "partial_fc": ["name", "fits", "step_ms", "peak_gib", "centres_gib", "init_s", "error", "skipped"],
         "jpeg_decode": ["name", "images_s", "mean_kb", "error", "skipped"],
+        "profile": ["name", "batch", "step_ms", "host_issue_ms", "gpu_busy_ms", "gpu_busy_share", "kernels_per_step",
+                    "error", "skipped"],
         "host_syncs": ["name", "cuda_syncs_total", "host_read_ops_total", "error", "skipped"],
     }
     for section, keys in columns.items():
@@ -601,6 +689,11 @@ def tables(data: dict) -> str:
         out += [f"## {section}", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
         out += ["| " + " | ".join(cell(r, k) for k in keys) + " |" for r in rows]
         out.append("")
+    for r in data["profile"]:
+        if "top" in r:
+            out += [f"{r['name']}, {r['what']}:", ""] + [
+                f"- {t['ms']} ms, {t['calls']} calls" + (f", {t['share_of_busy']:.1%} of busy" if "share_of_busy" in t
+                                                         else "") + f": `{t['name']}`" for t in r["top"]] + [""]
     for r in data["host_syncs"]:
         for key in ("cuda_syncs_per_step", "host_read_ops_per_step"):
             if isinstance(r.get(key), list):
@@ -620,24 +713,24 @@ def run(plan: Plan, report: Report, peak_spec: float) -> None:
         if dtype == torch.bfloat16 and "tflops" in row:
             peaks["measured"] = row["tflops"]
 
-    def backbone_item(name, precision, channels_last, compiled, need_s):
-        label = variant_name(name, precision, channels_last, compiled)
-        report.item("backbones", label, lambda: bench_backbone(plan, name, precision, channels_last, compiled, peaks),
-                    need_s)
+    def backbone_item(variant: Variant, need_s: float) -> None:
+        report.item("backbones", variant.name, lambda: bench_backbone(plan, variant, peaks), need_s)
 
-    for name, precision, channels_last in plan.eager:
-        backbone_item(name, precision, channels_last, False, need_s=8)
+    for variant in plan.eager:
+        backbone_item(variant, need_s=8)
+    report.item("profile", f"{plan.profile.name}, batch {plan.batch}", lambda: bench_profile(plan, plan.profile),
+                need_s=10)
     partial_fc_items(plan, report)
     jpeg_items(plan, report)
     for precision in plan.sync_precisions:
         report.item("host_syncs", f"{plan.sync_backbone} {precision} channels_last + PartialFC "
                                   f"{plan.sync_classes:,} classes rate 0.1 + SGD, batch {plan.batch}",
                     lambda p=precision: bench_syncs(plan, p), need_s=10)
-    name = plan.eager[0][0]
+    name = plan.eager[0].backbone
     report.item("backbones", f"{name} eager bf16 channels_last, largest batch",
                 lambda: bench_largest_batch(plan, name, peaks), need_s=20)
-    for name, precision, channels_last in plan.compiled:
-        backbone_item(name, precision, channels_last, True, need_s=plan.compile_need_s.get(name, 100))
+    for variant in plan.compiled:
+        backbone_item(variant, need_s=plan.compile_need_s.get(variant.backbone, 100))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -89,3 +89,11 @@ def test_real_mode_refuses_without_cuda(tmp_path, capsys):
     assert benchmark.main(["gpu", "--out", str(tmp_path / "gpu.json")]) == 2
     assert "--smoke" in capsys.readouterr().err
     assert not (tmp_path / "gpu.json").exists()
+
+
+def test_gpu_busy_time_counts_overlapping_kernels_once():
+    from benchmarks.gpu import busy_us
+
+    assert busy_us([]) == 0
+    # Two streams overlapping on [2, 3), one kernel inside another, and a gap of idle time between 5 and 7.
+    assert busy_us([(7, 9), (0, 3), (2, 5), (2.5, 2.75)]) == 7
