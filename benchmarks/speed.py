@@ -113,13 +113,15 @@ def bench_partial_fc(sizes: Sizes) -> list[dict]:
 
 def bench_backbones(sizes: Sizes) -> list[dict]:
     plan = gpu.Plan(CPU, batch=sizes.batch, head_classes=10_000, warmup=1, seconds=sizes.seconds, max_steps=20)
-    variants = [("fp32", False), ("bf16", False)] + ([("fp32", True)] if sizes.compiled else [])
+    variants = [gpu.Variant(sizes.backbone, precision, False) for precision in ("fp32", "bf16")]
+    if sizes.compiled:
+        variants.append(gpu.Variant(sizes.backbone, "fp32", False, "compiled"))
     rows = []
-    for precision, compiled in variants:
-        measured = gpu.bench_backbone(plan, sizes.backbone, precision, False, compiled, peaks={})
-        rows.append({"name": f"{sizes.backbone} {'compiled' if compiled else 'eager'} {precision}",
-                     "samples_s": measured["samples_s"], "baseline": (precision, compiled) == ("fp32", False),
-                     **({"compile_s": measured["compile_s"]} if compiled else {})})
+    for variant in variants:
+        measured = gpu.bench_backbone(plan, variant, peaks={})
+        rows.append({"name": f"{variant.backbone} {variant.mode} {variant.precision}",
+                     "samples_s": measured["samples_s"], "baseline": variant == variants[0],
+                     **({"compile_s": measured["compile_s"]} if "compile_s" in measured else {})})
     return rows
 
 
