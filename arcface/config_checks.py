@@ -116,5 +116,6 @@ def check_config(cfg: DictConfig) -> None:
             raise UserError(f"{key}={value!r} is invalid: set {key}=true or {key}=false")
     for key, choices in CHOICES.items():
         value = OmegaConf.select(cfg, key, default="<absent>")
-        if value != "<absent>" and value not in choices:
+        # By type as well as value: 1 == True, but channels_last=1 is not a choice.
+        if value != "<absent>" and not any(type(value) is type(c) and value == c for c in choices):
             raise UserError(f"{key}={value} is unknown: set {key} to one of {', '.join(map(_spelled, choices))}")

@@ -82,7 +82,7 @@ class ExportReport:
 
 def fp32_copy(model: nn.Module) -> nn.Module:
     """An fp32 CPU copy of `model` in eval mode, whatever precision and device it trains in."""
-    model = copy.deepcopy(model).float().cpu().eval()
+    model = copy.deepcopy(model).float().cpu().to(memory_format=torch.contiguous_format).eval()
     for module in model.modules():
         if isinstance(module, Backbone):  # no autocast region in the exported graph
             module.trunk_dtype = torch.float32

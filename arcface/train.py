@@ -140,7 +140,6 @@ def train(cfg: DictConfig, stop_request: StopRequest) -> str | None:
         for name in (CHECKPOINT_NAME, "model.pt"):  # what a killed writer may have left
             remove_stale_temporaries(output_dir / name)
     _cpu_precision(cfg, env)
-    torch.backends.cudnn.benchmark = cfg.trainer.cudnn_benchmark
     torch.manual_seed(cfg.trainer.seed)
     dataset = instantiate(cfg.dataset.train)
     _count_classes(cfg, dataset)

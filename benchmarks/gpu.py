@@ -12,9 +12,10 @@ remaining items are recorded as skipped):
   in bf16/fp16, NCHW/channels_last, with and without cuDNN autotuning, eager / CUDA-graphed backbone
   (torch.cuda.make_graphed_callables) / torch.compile (default and reduce-overhead): samples/s, peak memory, MFU
   (FLOPs per trained sample = 3 x 2 x forward MACs counted by arcface.models.profiling), compile time, ratio to
-  eager fp16 NCHW r50; then the largest r50 bf16 channels_last batch that fits.
+  eager fp16 NCHW r50; then the largest r50 bf16 channels_last batch that fits. Each row runs in a fresh process
+  (see `in_fresh_process`).
 - profile: where the trainer's default GPU step (r50 bf16 channels_last, cuDNN autotuning, batch 128) spends its
-  time: wall ms per step, host ms to issue it, GPU busy ms (the union of kernel intervals) and the top kernels.
+  time: wall ms per step against GPU busy ms (the union of kernel intervals), and the top kernels.
 - partial_fc: forward + backward + optimizer step of PartialFC alone (embedding 512, batch 128, rate 0.1) at
   1M/4M/16M classes, row-sparse updates vs the dense gradient: step time and peak memory.
 - jpeg_decode: batched nvJPEG decode (torchvision.io.decode_jpeg on the GPU) of 112x112 q95 synthetic faces vs the
@@ -27,6 +28,7 @@ Item order puts cheap items first and torch.compile last, so a short budget lose
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import functools
 import gc
@@ -85,7 +87,8 @@ class Variant:
     @property
     def name(self) -> str:
         layout = "channels_last" if self.channels_last else "NCHW"
-        return f"{self.backbone} {self.mode} {self.precision} {layout}" + (" cudnn.benchmark" * self.cudnn_benchmark)
+        return f"{self.backbone} {self.mode} {self.precision} {layout}" + (" cudnn.benchmark" if self.cudnn_benchmark
+                                                                             else "")
 
 
 @dataclass
@@ -355,6 +358,9 @@ def bench_backbone(plan: Plan, variant: Variant, peaks: dict[str, float]) -> dic
            "steps": steps, "peak_gib": peak_gib(plan.device), **mfu_fields(samples_s, variant.backbone, plan, peaks)}
     if variant.mode.startswith("compiled"):  # the first step compiled forward and backward; one step's time did not
         row["compile_s"] = round(first_s - seconds, 1)
+    if variant.mode.endswith("reduce-overhead"):  # torch.compile runs without CUDA graphs where it cannot use them
+        from torch._dynamo.utils import counters
+        row["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"]  # this process measured this row alone
     return row
 
 
@@ -398,9 +404,9 @@ def busy_us(intervals: list[tuple[float, float]]) -> float:
 
 
 def bench_profile(plan: Plan, variant: Variant, top: int = 12) -> dict:
-    """Where a training step's time goes. Wall time per step (unprofiled), the time the host takes to issue one
-    step, and (profiled) the time the GPU is busy per step with the kernels that take most of it. GPU busy well
-    below the wall time means the host cannot issue work fast enough; near it, the kernels are the limit."""
+    """Where a training step's time goes: wall time per step (unprofiled) against the time the GPU is busy per step
+    (profiled: the union of its kernels' intervals), with the kernels that take most of it. Busy well below the
+    wall time means the GPU waits for the host to issue work; near it, the kernels themselves are the limit."""
     from torch.profiler import ProfilerActivity, profile
 
     setup = TrainSetup(plan, variant)
@@ -408,25 +414,22 @@ def bench_profile(plan: Plan, variant: Variant, top: int = 12) -> dict:
     for _ in range(1 + plan.warmup):
         step()
     seconds, _ = seconds_per_call(step, plan)
-    sync(plan.device)
-    started = time.perf_counter()
-    step()  # returns once every kernel is queued (unless the launch queue is full, then it waits)
-    host_s = time.perf_counter() - started
-    sync(plan.device)
     cuda = plan.device.type == "cuda"
     with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda) as prof:
         for _ in range(plan.profile_steps):
             step()
         sync(plan.device)
-    row = {"batch": plan.batch, "step_ms": round(1e3 * seconds, 2), "host_issue_ms": round(1e3 * host_s, 2)}
+    row = {"batch": plan.batch, "step_ms": round(1e3 * seconds, 2)}
     steps = plan.profile_steps
     if cuda:
-        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        # Device-side copies of named regions (such as Optimizer.step) span idle gaps: kernels and copies only.
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+                   and not getattr(e, "is_user_annotation", False)]
         busy = busy_us([(e.time_range.start, e.time_range.end) for e in kernels]) / steps
         totals: dict[str, list[float]] = {}
         for e in kernels:
             entry = totals.setdefault(e.name, [0.0, 0])
-            entry[0] += e.time_range.end - e.time_range.start
+            entry[0] += e.time_range.elapsed_us()
             entry[1] += 1
         row.update(gpu_busy_ms=round(busy / 1e3, 2), gpu_busy_share=round(busy / 1e3 / row["step_ms"], 3),
                    kernels_per_step=round(len(kernels) / steps), what="GPU kernels, time per step")
@@ -439,6 +442,30 @@ def bench_profile(plan: Plan, variant: Variant, top: int = 12) -> dict:
         row["top"] = [{"name": e.key[:100], "ms": round(e.self_cpu_time_total / steps / 1e3, 3),
                        "calls": round(e.count / steps)} for e in ranked]
     return row
+
+
+def in_fresh_process(task: dict, smoke: bool, timeout_s: float = 600) -> dict:
+    """Run one backbone measurement in a new Python process and return its row.
+
+    cuDNN keeps the algorithm it chose for each convolution shape for the life of a process, and looks there before
+    it looks at cudnn.benchmark; torch.compile keeps its kernels too. Measured in one process, a row would inherit
+    the choices of the rows before it, so every backbone row starts from a clean process.
+    """
+    command = [sys.executable, str(REPO / "tools" / "benchmark.py"), "gpu", *(["--smoke"] * smoke),
+               "--child", json.dumps(task)]
+    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout_s)
+    if proc.returncode != 0:
+        lines = proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"]
+        raise RuntimeError(f"the measuring process failed: {lines[-1]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def child_measurement(plan: Plan, task: dict) -> dict:
+    """The measurement `in_fresh_process` asked for, run in this (fresh) process."""
+    variant = Variant(**task["variant"])
+    if task["what"] == "profile":
+        return bench_profile(plan, variant)
+    return bench_backbone(plan, variant, task["peaks"])
 
 
 # ---- Partial FC ------------------------------------------------------------------------------------------------
@@ -708,7 +735,7 @@ def tables(data: dict) -> str:
 
 # ---- driver ----------------------------------------------------------------------------------------------------
 
-def run(plan: Plan, report: Report, peak_spec: float) -> None:
+def run(plan: Plan, report: Report, peak_spec: float, smoke: bool) -> None:
     peaks = {"spec": peak_spec, "measured": None}
     for dtype in (torch.bfloat16, torch.float16):
         row = report.item("matmul", f"{str(dtype).split('.')[1]} {plan.matmul}^3 matmul",
@@ -716,13 +743,13 @@ def run(plan: Plan, report: Report, peak_spec: float) -> None:
         if dtype == torch.bfloat16 and "tflops" in row:
             peaks["measured"] = row["tflops"]
 
-    def backbone_item(variant: Variant, need_s: float) -> None:
-        report.item("backbones", variant.name, lambda: bench_backbone(plan, variant, peaks), need_s)
+    def isolated(what: str, variant: Variant) -> Callable[[], dict]:
+        task = {"what": what, "variant": dataclasses.asdict(variant), "peaks": peaks}
+        return lambda: in_fresh_process(task, smoke)
 
     for variant in plan.eager:
-        backbone_item(variant, need_s=8)
-    report.item("profile", f"{plan.profile.name}, batch {plan.batch}", lambda: bench_profile(plan, plan.profile),
-                need_s=10)
+        report.item("backbones", variant.name, isolated("backbone", variant), need_s=12)
+    report.item("profile", f"{plan.profile.name}, batch {plan.batch}", isolated("profile", plan.profile), need_s=15)
     partial_fc_items(plan, report)
     jpeg_items(plan, report)
     for precision in plan.sync_precisions:
@@ -733,7 +760,8 @@ def run(plan: Plan, report: Report, peak_spec: float) -> None:
     report.item("backbones", f"{name} eager bf16 channels_last, largest batch",
                 lambda: bench_largest_batch(plan, name, peaks), need_s=20)
     for variant in plan.compiled:
-        backbone_item(variant, need_s=plan.compile_need_s.get(variant.backbone, 100))
+        report.item("backbones", variant.name, isolated("backbone", variant),
+                    need_s=plan.compile_need_s.get(variant.backbone, 100))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -752,6 +780,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true",
                         help="tiny sizes (r_tiny, batch 2, 1k classes, 8 JPEGs, torch.compile with the eager "
                              "backend), on CPU when there is no GPU: checks every code path in well under a minute")
+    parser.add_argument("--child", help=argparse.SUPPRESS)  # one measurement, for in_fresh_process
     args = parser.parse_args(argv)
     sections = tuple(args.sections.split(","))
     unknown = sorted(set(sections) - set(SECTIONS))
@@ -767,13 +796,16 @@ def main(argv: list[str] | None = None) -> int:
     # TF32 for whatever still runs in float32 (the head's cosine matmul, the fp32 rows), as a GPU run should.
     torch.set_float32_matmul_precision("high")
     plan = Plan.smoke(device) if args.smoke else Plan(device)
+    if args.child:
+        print(json.dumps(child_measurement(plan, json.loads(args.child))), flush=True)
+        return 0
     out = Path(args.out or REPO / "benchmarks" / "results" / f"gpu{'_smoke' if args.smoke else ''}.json")
     report = Report(out, args.budget_s, device, environment(plan, args), sections)
     env = report.data["environment"]
     print(f"# {env.get('gpu', env['device'])} | torch {env['torch']} CUDA {env['cuda']} | commit {env['commit']} | "
           f"budget {args.budget_s:.0f} s | results -> {out}", flush=True)
     try:
-        run(plan, report, args.peak_tflops)
+        run(plan, report, args.peak_tflops, args.smoke)
     finally:
         report.save()
         print("\n" + tables(report.data), flush=True)

@@ -32,6 +32,7 @@ from conftest import TINY, compose_config
     ("trainer.max_steps=0", "trainer.max_steps"),
     ("dataset=rec dataset.loader=nvjpeg", "dataset.loader"),
     ("backbone.channels_last=yes", "backbone.channels_last"),
+    ("backbone.channels_last=1", "backbone.channels_last"),
     ("trainer.cudnn_benchmark=fast", "trainer.cudnn_benchmark"),
 ])
 def test_bad_values_name_the_key(override, key):

@@ -127,3 +127,18 @@ def test_local_sweep_is_one_parent_run_with_a_child_per_job(tmp_path):
     assert choices == {("r_tiny", "0.5"), ("r_tiny", "1.0"), ("mbf", "0.5"), ("mbf", "1.0")}
     job_dirs = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir() and not p.name.startswith("."))
     assert len(job_dirs) == 4 and all((d / ".hydra" / "config.yaml").is_file() for d in job_dirs)
+
+
+def test_the_entrypoint_pickles_by_value_as_submitit_sends_it():
+    """`python -m arcface.train -m ...` runs the module as __main__, so submitit pickles its functions by value, with
+    the modules their code reaches. A module-like object among them (torch.backends.cudnn is one) cannot be pickled,
+    and then no job of the sweep starts."""
+    import cloudpickle
+
+    import arcface.train
+
+    cloudpickle.register_pickle_by_value(arcface.train)
+    try:
+        cloudpickle.dumps(arcface.train.main)
+    finally:
+        cloudpickle.unregister_pickle_by_value(arcface.train)

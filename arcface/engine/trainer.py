@@ -37,6 +37,7 @@ class TrainerOptions:
     holds the only defaults (and says what each key means)."""
 
     precision: str
+    cudnn_benchmark: bool  # cuDNN times its convolution algorithms for the (fixed) input shape
     gradient_acc: int
     grad_clip: float | None  # None: no clipping
     log_every: int
@@ -93,6 +94,7 @@ class Trainer:
             self.model = DistributedDataParallel(backbone, device_ids=ids, broadcast_buffers=False)
             # Each rank's gradient is one term of the global loss's gradient (see sum_allreduce_hook): sum, not mean.
             self.model.register_comm_hook(None, sum_allreduce_hook)
+        torch.backends.cudnn.benchmark = options.cudnn_benchmark
         use_scaler = needs_loss_scaling(options.precision, env.device)
         self.scaler = torch.amp.GradScaler(env.device.type, growth_interval=100, enabled=use_scaler)
         for group in optimizer.param_groups:

@@ -15,8 +15,9 @@ from arcface.precision import precision_dtype
 def wants_channels_last(setting: bool | str) -> bool:
     """`backbone.channels_last`: true, false, or auto = NHWC where CUDA is available (the trainer then trains there).
 
-    On an H200, r50 in bf16 trained 1.47x faster in NHWC than in NCHW (benchmarks/results/gpu_h200_rerun.md); on
-    the CPU it trained r50 slower (benchmarks/results/backbones.md) and crashes torch's kernels on thin layers.
+    On an H200, r50 in bf16 trained 1.47x faster in NHWC than in NCHW (benchmarks/results/gpu_h200_rerun.md). On
+    the CPU it gave no reliable gain (benchmarks/results/backbones.md), and torch's CPU kernels crash training thin
+    layers (r_tiny) in it. Code that builds a backbone directly gets NCHW unless it asks (the default is false).
     """
     if not isinstance(setting, bool) and setting != "auto":
         raise UserError(f"backbone.channels_last={setting!r} is invalid: set it to true, false or auto")
