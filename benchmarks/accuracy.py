@@ -47,7 +47,7 @@ class Variant:
 VARIANTS = [
     Variant("random_init", "random init (untrained)", None),
     Variant("arcface_full", "ArcFace, full softmax", ["pfc.rate=1.0"]),
-    Variant("arcface_pfc01", "ArcFace, Partial FC 0.1 (defaults)", ["pfc.rate=0.1"]),
+    Variant("arcface_pfc01", "ArcFace, Partial FC 0.1 (default maths)", ["pfc.rate=0.1"]),
     Variant("cosface_pfc01", "CosFace, Partial FC 0.1", ["margin=cosface", "pfc.rate=0.1"]),
     Variant("softmax_pfc01", "softmax s=64 no margin, Partial FC 0.1", ["margin.m2=0", "pfc.rate=0.1"]),
     Variant("arcface_pfc01_reference", "ArcFace, Partial FC 0.1, compat=reference",
