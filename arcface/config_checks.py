@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from omegaconf import DictConfig, OmegaConf
 
 from arcface.engine.schedule import WARMUPS
-from arcface.engine.trainer import ACCUMULATIONS, NONFINITE_POLICIES
+from arcface.engine.trainer import ACCUMULATIONS, COMPILE_CHOICES, NONFINITE_POLICIES
 from arcface.errors import UserError
 from arcface.evaluation.verification import XNORMS
 from arcface.data.loader import LOADERS
@@ -94,6 +94,7 @@ CHOICES: dict[str, tuple[str | bool, ...]] = {
     "pfc.storage_dtype": tuple(STORAGE_DTYPES),
     "dataset.loader": LOADERS,  # only the RecordIO datasets have the key
     "backbone.channels_last": ("auto", True, False),
+    "trainer.compile": COMPILE_CHOICES,
 }
 
 

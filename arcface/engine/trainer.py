@@ -23,12 +23,15 @@ from arcface.engine.tracking import NullTracker
 from arcface.errors import UserError
 from arcface.evaluation import PairSet, evaluate
 from arcface.export import export_after_training
+from arcface.models.base import cpu_channels_last_crash
 from arcface.precision import needs_loss_scaling
 
 log = logging.getLogger(__name__)
 
 NONFINITE_POLICIES = ("stop", "skip")
 ACCUMULATIONS = ("mean", "sum")
+# trainer.compile: off, on in torch.compile's default mode, or one of its modes
+COMPILE_CHOICES = (False, True, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,7 @@ class TrainerOptions:
 
     precision: str
     cudnn_benchmark: bool  # cuDNN times its convolution algorithms for the (fixed) input shape
+    compile: bool | str  # one of COMPILE_CHOICES
     gradient_acc: int
     grad_clip: float | None  # None: no clipping
     log_every: int
@@ -56,6 +60,17 @@ class TrainerOptions:
         if self.accumulate not in ACCUMULATIONS:
             raise UserError(f"trainer.accumulate={self.accumulate!r} is unknown: set it to one of "
                             f"{', '.join(ACCUMULATIONS)}")
+
+
+def _refuse_cpu_crash(backbone: nn.Module, options: TrainerOptions) -> None:
+    """Stop with one sentence where torch's CPU kernels would kill the process (see cpu_channels_last_crash)."""
+    switch = ("trainer.compile" if options.compile else
+              "backbone.channels_last=true" if getattr(backbone, "channels_last", False) else None)
+    layer = cpu_channels_last_crash(backbone) if switch else None
+    if layer:
+        raise UserError(f"{switch} trains the backbone in channels_last, and training {layer} that way crashes "
+                        f"torch's CPU kernels: on the CPU, train without {switch}, or widen that layer's input to 16 "
+                        f"channels (r_tiny: backbone.widths=[16,32,64,128])")
 
 
 class Diverged(UserError):
@@ -89,11 +104,19 @@ class Trainer:
         self.stop_request = stop_request or StopRequest()
         self.backbone_name = backbone_name
         self.model = backbone
+        self._ddp: DistributedDataParallel | None = None
         if env.world_size > 1:
             ids = [env.device.index] if env.device.type == "cuda" else None
-            self.model = DistributedDataParallel(backbone, device_ids=ids, broadcast_buffers=False)
+            self.model = self._ddp = DistributedDataParallel(backbone, device_ids=ids, broadcast_buffers=False)
             # Each rank's gradient is one term of the global loss's gradient (see sum_allreduce_hook): sum, not mean.
-            self.model.register_comm_hook(None, sum_allreduce_hook)
+            self._ddp.register_comm_hook(None, sum_allreduce_hook)
+        if env.device.type == "cpu":
+            _refuse_cpu_crash(backbone, options)
+        if options.compile and getattr(backbone, "checkpointing", False):
+            raise UserError("trainer.compile cannot trace backbone.checkpointing's recomputation (which keeps "
+                            "BatchNorm's running statistics from counting a batch twice): set one of them to false")
+        if options.compile:  # training steps only: verification and checkpoints use the backbone itself
+            self.model = torch.compile(self.model, mode=None if options.compile is True else options.compile)
         torch.backends.cudnn.benchmark = options.cudnn_benchmark
         use_scaler = needs_loss_scaling(options.precision, env.device)
         self.scaler = torch.amp.GradScaler(env.device.type, growth_interval=100, enabled=use_scaler)
@@ -227,7 +250,7 @@ class Trainer:
                 labels = labels.to(self.env.device, non_blocking=True)
                 micro += 1
                 last_micro = micro % opts.gradient_acc == 0
-                sync = contextlib.nullcontext() if last_micro or self.model is self.backbone else self.model.no_sync()
+                sync = contextlib.nullcontext() if last_micro or self._ddp is None else self._ddp.no_sync()
                 with sync:
                     loss = self.head(self.model(x), labels)
                     self.scaler.scale(loss / divisor).backward()

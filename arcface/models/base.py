@@ -24,6 +24,20 @@ def wants_channels_last(setting: bool | str) -> bool:
     return torch.cuda.is_available() if setting == "auto" else setting
 
 
+def cpu_channels_last_crash(model: nn.Module) -> str | None:
+    """The first layer whose training in channels_last crashes torch's CPU kernels, described; None if none does.
+
+    Found on torch 2.14: the backward of a 1x1 convolution with stride 2 and fewer than 16 input channels segfaults
+    in channels_last (3x3 kernels, stride 3, or 16 channels and more do not). r_tiny's first downsample, over its
+    8-channel stem, is one. torch.compile lays convolutions out in channels_last on the CPU too.
+    """
+    for name, module in model.named_modules():
+        if (isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1) and module.stride == (2, 2)
+                and module.in_channels < 16):
+            return f"{name} (a 1x1 stride-2 convolution over {module.in_channels} channels)"
+    return None
+
+
 @contextlib.contextmanager
 def frozen_running_stats(module: nn.Module) -> Iterator[None]:
     """BatchNorm keeps normalising with batch statistics but leaves its running averages alone.
