@@ -22,6 +22,9 @@ remaining items are recorded as skipped):
   project's CPU loader (RecordIO, worker processes) and single-core decoders.
 - host_syncs: every place where a training step makes the host wait for the GPU (CUDA sync debug mode, and the
   ops that need values on the host), attributed to lines of the arcface package.
+- trainer: `arcface-train` itself (r50, bf16, batch 128, the trainer's GPU defaults) on a RecordIO file of the
+  JPEGs: the samples/s it logs after start-up, as it is, with trainer.compile=reduce-overhead, and with
+  dataset.loader=device_decode. Needs hydra-core and omegaconf installed.
 
 Item order puts cheap items first and torch.compile last, so a short budget loses the slowest items only.
 """
@@ -64,9 +67,10 @@ from arcface.models import create_backbone
 from arcface.models.profiling import backbone_stats
 from arcface.precision import needs_loss_scaling
 from benchmarks.host_syncs import HostReads, cuda_sync_warnings, tally
+from benchmarks.training_runs import logged_samples_per_s
 
 REPO = Path(__file__).resolve().parents[1]
-SECTIONS = ("matmul", "backbones", "profile", "partial_fc", "jpeg_decode", "host_syncs")
+SECTIONS = ("matmul", "backbones", "profile", "partial_fc", "jpeg_decode", "host_syncs", "trainer")
 GIB = 2**30
 EMBEDDING = 512
 BASELINE = "r50 eager fp16 NCHW"
@@ -126,6 +130,11 @@ class Plan:
     sync_precisions: tuple = ("bf16", "fp16")
     sync_steps: int = 3
     profile: Variant = Variant("r50", "bf16", True, cudnn_benchmark=True)  # the trainer's default on a GPU
+    trainer_backbone: str = "r50"
+    trainer_backbone_overrides: tuple = ()
+    trainer_steps: int = 200
+    trainer_warmup_steps: int = 50
+    trainer_variants: tuple = ((), ("trainer.compile=reduce-overhead",), ("dataset.loader=device_decode",))
     profile_steps: int = 3
 
     @classmethod
@@ -139,7 +148,9 @@ class Plan:
                    compile_need_s={"r_tiny": 5}, big_batches=(4,), pfc_classes=(1000, 4000), jpegs=8,
                    loader_images=64, gpu_decode_batches=(8,), sync_backbone="r_tiny", sync_classes=1000,
                    sync_precisions=("bf16",), sync_steps=2,
-                   profile=Variant("r_tiny", "bf16", True), profile_steps=1)
+                   profile=Variant("r_tiny", "bf16", True), profile_steps=1, trainer_backbone="r_tiny",
+                   trainer_backbone_overrides=("embedding_size=64",), trainer_steps=4, trainer_warmup_steps=1,
+                   trainer_variants=((),))
 
 
 class Report:
@@ -549,15 +560,21 @@ def bench_cpu_decoder(jpegs: list[bytes], decode: Callable[[bytes], object], thr
     return {"threads": threads, "images_s": round(len(work) / seconds)}
 
 
+def write_face_rec(folder: Path, jpegs: list[bytes], images: int) -> int:
+    """train.rec/.idx in `folder`: `images` records cycling over the JPEGs, grouped by label as a dataset's images
+    are (labels increasing); returns the number of classes."""
+    classes = min(1000, images)
+    with InsightFaceWriter(folder / "train.rec", folder / "train.idx") as writer:
+        for i in range(images):
+            writer.add(i * classes // images, jpegs[i % len(jpegs)])
+    return classes
+
+
 def bench_project_loader(plan: Plan, jpegs: list[bytes], workers: int, loader: str = "torch") -> dict:
     """A training loader over a RecordIO file of the JPEGs: "torch" decodes in worker processes into uint8 batches
     on the CPU, "device_decode" has the workers read and the plan's device decode."""
     with tempfile.TemporaryDirectory() as tmp:
-        with InsightFaceWriter(Path(tmp) / "train.rec", Path(tmp) / "train.idx") as writer:
-            classes = min(1000, plan.loader_images)
-            for i in range(plan.loader_images):  # a dataset's images come grouped by label, labels increasing
-                writer.add(i * classes // plan.loader_images, jpegs[i % len(jpegs)])
-        data = RecordDataset(tmp, num_classes=classes)
+        data = RecordDataset(tmp, num_classes=write_face_rec(Path(tmp), jpegs, plan.loader_images))
         batches = build_loader(data, plan.batch, rank=0, world_size=1, seed=0, num_workers=workers,
                                device=plan.device if loader == "device_decode" else torch.device("cpu"), loader=loader)
 
@@ -603,6 +620,32 @@ def jpeg_items(plan: Plan, report: Report) -> None:
     report.item("jpeg_decode", f"project device_decode loader (RecordIO, {cores} worker processes read, "
                                f"{plan.device.type} decodes)",
                 lambda: bench_project_loader(plan, jpegs, cores, "device_decode"), need_s=15)
+
+
+# ---- the trainer itself ----------------------------------------------------------------------------------------
+
+def bench_trainer(plan: Plan, jpegs: list[bytes], overrides: tuple[str, ...]) -> dict:
+    """`arcface-train` on a RecordIO file of the JPEGs, from the reference's base values (no preset): the samples/s
+    it logs once start-up (workers, compilation, cuDNN autotuning) is over."""
+    workers = min(8, os.cpu_count() or 1)
+    with tempfile.TemporaryDirectory() as tmp:
+        classes = write_face_rec(Path(tmp), jpegs, plan.loader_images)
+        base = ["~experiment", f"backbone={plan.trainer_backbone}", *plan.trainer_backbone_overrides, "dataset=rec",
+                f"dataset.root={tmp}", f"dataset.num_classes={classes}", "trainer.precision=bf16",
+                f"trainer.batch_size={plan.batch}", f"trainer.max_steps={plan.trainer_steps}", "trainer.log_every=10",
+                "trainer.verify_at_start=false", "trainer.verify_at_end=false", "trainer.save_every=0",
+                f"trainer.num_workers={workers}"]
+        measured = logged_samples_per_s([*base, *overrides], Path(tmp) / "run", after_step=plan.trainer_warmup_steps,
+                                        timeout_s=600)
+    return {"batch": plan.batch, "workers": workers, **measured}
+
+
+def trainer_items(plan: Plan, report: Report) -> None:
+    jpegs = synthetic_jpegs(plan.jpegs)
+    for overrides in plan.trainer_variants:
+        name = f"arcface-train backbone={plan.trainer_backbone} bf16 {' '.join(overrides) or '(defaults)'}"
+        need = 60 if any("compile" in o for o in overrides) else 30
+        report.item("trainer", name, lambda o=overrides: bench_trainer(plan, jpegs, o), need_s=need)
 
 
 # ---- host syncs ------------------------------------------------------------------------------------------------
@@ -709,6 +752,7 @@ def tables(data: dict) -> str:
         "profile": ["name", "batch", "step_ms", "host_issue_ms", "gpu_busy_ms", "gpu_busy_share", "kernels_per_step",
                     "error", "skipped"],
         "host_syncs": ["name", "cuda_syncs_total", "host_read_ops_total", "error", "skipped"],
+        "trainer": ["name", "batch", "workers", "samples_s", "windows", "error", "skipped"],
     }
     for section, keys in columns.items():
         rows = data[section]
@@ -756,6 +800,8 @@ def run(plan: Plan, report: Report, peak_spec: float, smoke: bool) -> None:
         report.item("host_syncs", f"{plan.sync_backbone} {precision} channels_last + PartialFC "
                                   f"{plan.sync_classes:,} classes rate 0.1 + SGD, batch {plan.batch}",
                     lambda p=precision: bench_syncs(plan, p), need_s=10)
+    if "trainer" in report.sections:
+        trainer_items(plan, report)
     name = plan.eager[0].backbone
     report.item("backbones", f"{name} eager bf16 channels_last, largest batch",
                 lambda: bench_largest_batch(plan, name, peaks), need_s=20)

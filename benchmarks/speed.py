@@ -24,9 +24,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import re
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,6 +38,7 @@ from arcface.errors import UserError
 from arcface.fileio import atomic_write, write_text_atomically
 from benchmarks import data_loader, gpu, partial_fc
 from benchmarks.machine import describe, load_average, machine, replace_section
+from benchmarks.training_runs import logged_samples_per_s
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -125,23 +123,16 @@ def bench_backbones(sizes: Sizes) -> list[dict]:
     return rows
 
 
-_LOGGED_RATE = re.compile(r"step (\d+)/\d+ .* samples/s ([0-9.]+)")
-
-
 def bench_end_to_end(sizes: Sizes) -> list[dict]:
     rows = []
     for precision in ("fp32", "bf16"):
         with tempfile.TemporaryDirectory() as tmp:
-            proc = subprocess.run(
-                [sys.executable, "-m", "arcface.train", "experiment=demo", f"trainer.precision={precision}",
-                 f"trainer.max_steps={sizes.demo_steps}", "trainer.log_every=8", "trainer.verify_at_start=false",
-                 "trainer.verify_at_end=false", "tracking=none", f"hydra.run.dir={tmp}"],
-                cwd=REPO, capture_output=True, text=True, timeout=1800)
-        if proc.returncode != 0:
-            raise RuntimeError(f"arcface-train failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
-        rates = [float(rate) for step, rate in _LOGGED_RATE.findall(proc.stdout + proc.stderr) if int(step) > 8]
-        rows.append({"name": f"arcface-train experiment=demo, {precision}", "samples_s": statistics.median(rates),
-                     "windows": len(rates), "baseline": precision == "fp32"})
+            measured = logged_samples_per_s(
+                ["experiment=demo", f"trainer.precision={precision}", f"trainer.max_steps={sizes.demo_steps}",
+                 "trainer.log_every=8", "trainer.verify_at_start=false", "trainer.verify_at_end=false"],
+                tmp, after_step=8, timeout_s=1800)
+        rows.append({"name": f"arcface-train experiment=demo, {precision}", **measured,
+                     "baseline": precision == "fp32"})
     return rows
 
 
