@@ -26,7 +26,8 @@ remaining items are recorded as skipped):
   JPEGs: the samples/s it logs after start-up, as it is, with trainer.compile=reduce-overhead, and with
   dataset.loader=device_decode. Needs hydra-core and omegaconf installed.
 
-Item order puts cheap items first and torch.compile last, so a short budget loses the slowest items only.
+Item order puts cheap items first and the backbones' torch.compile rows last, so a short budget loses the slowest
+items only.
 """
 from __future__ import annotations
 
@@ -130,12 +131,12 @@ class Plan:
     sync_precisions: tuple = ("bf16", "fp16")
     sync_steps: int = 3
     profile: Variant = Variant("r50", "bf16", True, cudnn_benchmark=True)  # the trainer's default on a GPU
+    profile_steps: int = 3
     trainer_backbone: str = "r50"
-    trainer_backbone_overrides: tuple = ()
+    trainer_overrides: tuple = ()  # on top of every trainer row's
     trainer_steps: int = 200
     trainer_warmup_steps: int = 50
     trainer_variants: tuple = ((), ("trainer.compile=reduce-overhead",), ("dataset.loader=device_decode",))
-    profile_steps: int = 3
 
     @classmethod
     def smoke(cls, device: torch.device) -> "Plan":
@@ -149,8 +150,8 @@ class Plan:
                    loader_images=64, gpu_decode_batches=(8,), sync_backbone="r_tiny", sync_classes=1000,
                    sync_precisions=("bf16",), sync_steps=2,
                    profile=Variant("r_tiny", "bf16", True), profile_steps=1, trainer_backbone="r_tiny",
-                   trainer_backbone_overrides=("embedding_size=64",), trainer_steps=4, trainer_warmup_steps=1,
-                   trainer_variants=((),))
+                   trainer_overrides=("embedding_size=64",), trainer_steps=4, trainer_warmup_steps=1,
+                   trainer_variants=((), ("dataset.loader=device_decode",)))
 
 
 class Report:
@@ -166,6 +167,9 @@ class Report:
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
 
+    def time_left(self) -> float:
+        return self.budget_s - self.elapsed()
+
     def save(self) -> None:
         """JSON and Markdown tables, both complete after every item (a run cut short keeps both)."""
         self.data["summary"] = summarise(self.data)
@@ -179,7 +183,7 @@ class Report:
         """Run one measurement unless the budget is spent; record its result, its error or why it was skipped."""
         if section not in self.sections:
             return {}
-        left = self.budget_s - self.elapsed()
+        left = self.time_left()
         started = time.perf_counter()
         if left < need_s or left <= 0:
             row = {"name": name, "skipped": f"time budget: {max(left, 0):.0f} s left of --budget-s {self.budget_s:.0f}"
@@ -624,19 +628,18 @@ def jpeg_items(plan: Plan, report: Report) -> None:
 
 # ---- the trainer itself ----------------------------------------------------------------------------------------
 
-def bench_trainer(plan: Plan, jpegs: list[bytes], overrides: tuple[str, ...]) -> dict:
-    """`arcface-train` on a RecordIO file of the JPEGs, from the reference's base values (no preset): the samples/s
-    it logs once start-up (workers, compilation, cuDNN autotuning) is over."""
+def bench_trainer(plan: Plan, jpegs: list[bytes], overrides: tuple[str, ...], timeout_s: float) -> dict:
+    """`arcface-train` on a RecordIO file of the JPEGs, from the reference's base values (no preset; dataset=rec):
+    the samples/s it logs once start-up (workers, compilation, cuDNN autotuning) is over."""
     workers = min(8, os.cpu_count() or 1)
     with tempfile.TemporaryDirectory() as tmp:
         classes = write_face_rec(Path(tmp), jpegs, plan.loader_images)
-        base = ["~experiment", f"backbone={plan.trainer_backbone}", *plan.trainer_backbone_overrides, "dataset=rec",
-                f"dataset.root={tmp}", f"dataset.num_classes={classes}", "trainer.precision=bf16",
+        base = ["~experiment", f"backbone={plan.trainer_backbone}", *plan.trainer_overrides, f"dataset.root={tmp}", f"dataset.num_classes={classes}", "trainer.precision=bf16",
                 f"trainer.batch_size={plan.batch}", f"trainer.max_steps={plan.trainer_steps}", "trainer.log_every=10",
                 "trainer.verify_at_start=false", "trainer.verify_at_end=false", "trainer.save_every=0",
                 f"trainer.num_workers={workers}"]
         measured = logged_samples_per_s([*base, *overrides], Path(tmp) / "run", after_step=plan.trainer_warmup_steps,
-                                        timeout_s=600)
+                                        timeout_s=timeout_s)
     return {"batch": plan.batch, "workers": workers, **measured}
 
 
@@ -644,8 +647,11 @@ def trainer_items(plan: Plan, report: Report) -> None:
     jpegs = synthetic_jpegs(plan.jpegs)
     for overrides in plan.trainer_variants:
         name = f"arcface-train backbone={plan.trainer_backbone} bf16 {' '.join(overrides) or '(defaults)'}"
-        need = 60 if any("compile" in o for o in overrides) else 30
-        report.item("trainer", name, lambda o=overrides: bench_trainer(plan, jpegs, o), need_s=need)
+        compiles = any(o.startswith("trainer.compile") for o in overrides)
+        need = 30 + (plan.compile_need_s.get(plan.trainer_backbone, 100) if compiles else 0)
+        # No longer than the budget has left: a hung run must not cost the items after it.
+        report.item("trainer", name, lambda o=overrides: bench_trainer(plan, jpegs, o, max(need, report.time_left())),
+                    need_s=need)
 
 
 # ---- host syncs ------------------------------------------------------------------------------------------------

@@ -22,7 +22,8 @@ _spec.loader.exec_module(benchmark)  # also puts the repository on sys.path, for
 from benchmarks.gpu import SECTIONS  # noqa: E402
 from benchmarks.host_syncs import HostReads  # noqa: E402
 
-# The GPU machine has none of these: the suite must not need them.
+# The GPU machine has none of these unless their wheels travel with the tree: the suite's own process must not need
+# them. (Its trainer rows run arcface-train in processes of their own, which need hydra and omegaconf there.)
 _BLOCKED = ("hydra", "omegaconf", "mlflow", "simplejpeg")
 
 

@@ -32,6 +32,7 @@ NONFINITE_POLICIES = ("stop", "skip")
 ACCUMULATIONS = ("mean", "sum")
 # trainer.compile: off, on in torch.compile's default mode, or one of its modes
 COMPILE_CHOICES = (False, True, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+_CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
 @dataclass(frozen=True)
@@ -62,15 +63,25 @@ class TrainerOptions:
                             f"{', '.join(ACCUMULATIONS)}")
 
 
-def _refuse_cpu_crash(backbone: nn.Module, options: TrainerOptions) -> None:
-    """Stop with one sentence where torch's CPU kernels would kill the process (see cpu_channels_last_crash)."""
-    switch = ("trainer.compile" if options.compile else
-              "backbone.channels_last=true" if getattr(backbone, "channels_last", False) else None)
-    layer = cpu_channels_last_crash(backbone) if switch else None
+def _refuse_what_cannot_train(backbone: nn.Module, options: TrainerOptions, device: torch.device) -> None:
+    """Stop with one sentence on switches that would fail mid-run or kill the process."""
+    if options.compile and getattr(backbone, "checkpointing", False):
+        raise UserError("trainer.compile cannot trace backbone.checkpointing's recomputation (which keeps "
+                        "BatchNorm's running statistics from counting a batch twice): set one of them to false")
+    if options.compile in _CUDA_GRAPH_MODES and options.gradient_acc > 1:
+        raise UserError(f"trainer.compile={options.compile} replays CUDA graphs, whose next forward pass overwrites "
+                        f"the gradients that trainer.gradient_acc={options.gradient_acc} keeps between micro-batches: "
+                        f"use trainer.compile=true or max-autotune-no-cudagraphs, or trainer.gradient_acc=1")
+    if device.type != "cpu":
+        return
+    switches = [name for name, on in (("trainer.compile", bool(options.compile)),
+                                      ("backbone.channels_last=true", getattr(backbone, "channels_last", False))) if on]
+    layer = cpu_channels_last_crash(backbone) if switches else None
     if layer:
-        raise UserError(f"{switch} trains the backbone in channels_last, and training {layer} that way crashes "
-                        f"torch's CPU kernels: on the CPU, train without {switch}, or widen that layer's input to 16 "
-                        f"channels (r_tiny: backbone.widths=[16,32,64,128])")
+        named = " and ".join(switches)
+        raise UserError(f"{named} train{'s' * (len(switches) == 1)} the backbone in channels_last, and training "
+                        f"{layer} that way crashes torch's CPU kernels: on the CPU, train without {named}, or widen "
+                        f"that layer's input to 16 channels (r_tiny: backbone.widths=[16,32,64,128])")
 
 
 class Diverged(UserError):
@@ -103,6 +114,7 @@ class Trainer:
         self.tracker = tracker or NullTracker()
         self.stop_request = stop_request or StopRequest()
         self.backbone_name = backbone_name
+        _refuse_what_cannot_train(backbone, options, env.device)
         self.model = backbone
         self._ddp: DistributedDataParallel | None = None
         if env.world_size > 1:
@@ -110,11 +122,6 @@ class Trainer:
             self.model = self._ddp = DistributedDataParallel(backbone, device_ids=ids, broadcast_buffers=False)
             # Each rank's gradient is one term of the global loss's gradient (see sum_allreduce_hook): sum, not mean.
             self._ddp.register_comm_hook(None, sum_allreduce_hook)
-        if env.device.type == "cpu":
-            _refuse_cpu_crash(backbone, options)
-        if options.compile and getattr(backbone, "checkpointing", False):
-            raise UserError("trainer.compile cannot trace backbone.checkpointing's recomputation (which keeps "
-                            "BatchNorm's running statistics from counting a batch twice): set one of them to false")
         if options.compile:  # training steps only: verification and checkpoints use the backbone itself
             self.model = torch.compile(self.model, mode=None if options.compile is True else options.compile)
         torch.backends.cudnn.benchmark = options.cudnn_benchmark
