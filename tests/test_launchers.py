@@ -115,8 +115,10 @@ def test_a_requeued_job_reads_unfinished_until_its_second_run_completes(slurm_cl
         assert time.monotonic() < deadline, f"job {job} not pending again after requeue: {info}"
         time.sleep(0.2)
     assert not submitit_done(info, job)
-    # A requeued job may start again only after a delay (cred_expire); lift it instead of waiting.
-    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, check=True)
+    # A requeued job may start again only after a delay (cred_expire); shorten it instead of waiting. Not to now:
+    # slurmd refuses a credential issued in the same second as its revocation at the requeue ("Job credential
+    # revoked"), and the job would fail to launch; 2 s later it is always a later second.
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now+2"], env=env, check=True)
     assert wait_until_done(env, job)[job]["State"] == "COMPLETED"
     assert (tmp_path / "job.out").read_text().splitlines()[-1] == "1"
 
