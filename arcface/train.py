@@ -122,6 +122,14 @@ def _cpu_precision(cfg: DictConfig, env: DistEnv) -> None:
                     changed[0])
 
 
+def _how(cfg: DictConfig, backbone) -> str:
+    """How the backbone trains, as resolved on this machine (the config may say backbone.channels_last=auto)."""
+    layout = "channels_last" if getattr(backbone, "channels_last", False) else "NCHW"
+    compiled = cfg.trainer.compile
+    return ", ".join([cfg.trainer.precision, layout] + ([f"compiled ({'default' if compiled is True else compiled})"]
+                                                        if compiled else []))
+
+
 def _count_classes(cfg: DictConfig, dataset) -> None:
     """dataset.num_classes=null: the dataset counted its classes (dataset=folder); the head is built for them."""
     if cfg.dataset.num_classes is None:
@@ -170,9 +178,9 @@ def train(cfg: DictConfig, stop_request: StopRequest) -> str | None:
                         **job_tags()})
     try:
         tracker.log_artifacts(output_dir / ".hydra", artifact_path="hydra")
-        log.info("training %s on %s (%d images, %d classes) for %d steps on %d %s process(es); outputs in %s",
-                 cfg.backbone.name, cfg.dataset.name, len(dataset), cfg.dataset.num_classes, total, env.world_size,
-                 env.device.type, output_dir)
+        log.info("training %s (%s) on %s (%d images, %d classes) for %d steps on %d %s process(es); outputs in %s",
+                 cfg.backbone.name, _how(cfg, backbone), cfg.dataset.name, len(dataset), cfg.dataset.num_classes,
+                 total, env.world_size, env.device.type, output_dir)
         results = trainer.fit()
     except BaseException as exc:
         tracker.set_tags({"arcface.failure": str(_user_error(exc) or repr(exc))[:5000]})

@@ -31,6 +31,7 @@ def test_the_demo_backbone_trains_compiled_once_its_stem_is_16_wide(tmp_path):
     proc = train_here([*TINY, "trainer.compile=true", "+backbone.widths=[16,32,64,128]", "tracking=none"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "run" / "model.pt").is_file()
+    assert "training r_tiny (fp32, NCHW, compiled (default)) on synthetic" in proc.stdout + proc.stderr
 
 
 def test_two_ranks_accumulating_compiled_log_the_eager_losses(tmp_path):
