@@ -124,10 +124,10 @@ def _cpu_precision(cfg: DictConfig, env: DistEnv) -> None:
 
 def _how(cfg: DictConfig, backbone) -> str:
     """How the backbone trains, as resolved on this machine (the config may say backbone.channels_last=auto)."""
-    layout = "channels_last" if getattr(backbone, "channels_last", False) else "NCHW"
-    compiled = cfg.trainer.compile
-    return ", ".join([cfg.trainer.precision, layout] + ([f"compiled ({'default' if compiled is True else compiled})"]
-                                                        if compiled else []))
+    parts = [cfg.trainer.precision, "channels_last" if getattr(backbone, "channels_last", False) else "NCHW"]
+    if cfg.trainer.compile:
+        parts.append(f"compiled ({'default' if cfg.trainer.compile is True else cfg.trainer.compile})")
+    return ", ".join(parts)
 
 
 def _count_classes(cfg: DictConfig, dataset) -> None:

@@ -92,8 +92,8 @@ class Variant:
     @property
     def name(self) -> str:
         layout = "channels_last" if self.channels_last else "NCHW"
-        return f"{self.backbone} {self.mode} {self.precision} {layout}" + (" cudnn.benchmark" if self.cudnn_benchmark
-                                                                             else "")
+        autotuned = " cudnn.benchmark" if self.cudnn_benchmark else ""
+        return f"{self.backbone} {self.mode} {self.precision} {layout}{autotuned}"
 
 
 @dataclass
@@ -337,9 +337,14 @@ class TrainSetup:
         if self.variant.mode == "graphed":  # captured for this input's shape (after a few warm-up passes)
             model = torch.cuda.make_graphed_callables(self.backbone, (x,))
         step = training_step(model, self.backbone, self.head, self.optimizer, self.scaler, x, labels)
-        if self.variant.mode.endswith("reduce-overhead"):  # a new step: the previous step's graph outputs are free
-            return lambda: (torch.compiler.cudagraph_mark_step_begin(), step())[1]
-        return step
+        if not self.variant.mode.endswith("reduce-overhead"):
+            return step
+
+        def new_step() -> torch.Tensor:  # the previous step's CUDA-graph outputs may be overwritten now
+            torch.compiler.cudagraph_mark_step_begin()
+            return step()
+
+        return new_step
 
 
 @functools.lru_cache(maxsize=None)
@@ -459,7 +464,7 @@ def bench_profile(plan: Plan, variant: Variant, top: int = 12) -> dict:
     return row
 
 
-def in_fresh_process(task: dict, smoke: bool, timeout_s: float = 600) -> dict:
+def in_fresh_process(task: dict, smoke: bool, timeout_s: float) -> dict:
     """Run one backbone measurement in a new Python process and return its row.
 
     cuDNN keeps the algorithm it chose for each convolution shape for the life of a process, and looks there before
@@ -634,22 +639,22 @@ def bench_trainer(plan: Plan, jpegs: list[bytes], overrides: tuple[str, ...], ti
     workers = min(8, os.cpu_count() or 1)
     with tempfile.TemporaryDirectory() as tmp:
         classes = write_face_rec(Path(tmp), jpegs, plan.loader_images)
-        base = ["~experiment", f"backbone={plan.trainer_backbone}", *plan.trainer_overrides, f"dataset.root={tmp}", f"dataset.num_classes={classes}", "trainer.precision=bf16",
-                f"trainer.batch_size={plan.batch}", f"trainer.max_steps={plan.trainer_steps}", "trainer.log_every=10",
-                "trainer.verify_at_start=false", "trainer.verify_at_end=false", "trainer.save_every=0",
-                f"trainer.num_workers={workers}"]
+        base = ["~experiment", f"backbone={plan.trainer_backbone}", *plan.trainer_overrides, f"dataset.root={tmp}",
+                f"dataset.num_classes={classes}", "trainer.precision=bf16", f"trainer.batch_size={plan.batch}",
+                f"trainer.max_steps={plan.trainer_steps}", "trainer.log_every=10", "trainer.verify_at_start=false",
+                "trainer.verify_at_end=false", "trainer.save_every=0", f"trainer.num_workers={workers}"]
         measured = logged_samples_per_s([*base, *overrides], Path(tmp) / "run", after_step=plan.trainer_warmup_steps,
                                         timeout_s=timeout_s)
     return {"batch": plan.batch, "workers": workers, **measured}
 
 
 def trainer_items(plan: Plan, report: Report) -> None:
+    """One row per variant, each bounded by the budget left (a hung run must not cost the items after it)."""
     jpegs = synthetic_jpegs(plan.jpegs)
     for overrides in plan.trainer_variants:
         name = f"arcface-train backbone={plan.trainer_backbone} bf16 {' '.join(overrides) or '(defaults)'}"
         compiles = any(o.startswith("trainer.compile") for o in overrides)
         need = 30 + (plan.compile_need_s.get(plan.trainer_backbone, 100) if compiles else 0)
-        # No longer than the budget has left: a hung run must not cost the items after it.
         report.item("trainer", name, lambda o=overrides: bench_trainer(plan, jpegs, o, max(need, report.time_left())),
                     need_s=need)
 
@@ -755,8 +760,8 @@ def tables(data: dict) -> str:
                       "skipped"],
         "partial_fc": ["name", "fits", "step_ms", "peak_gib", "centres_gib", "init_s", "error", "skipped"],
         "jpeg_decode": ["name", "images_s", "mean_kb", "error", "skipped"],
-        "profile": ["name", "batch", "step_ms", "host_issue_ms", "gpu_busy_ms", "gpu_busy_share", "kernels_per_step",
-                    "error", "skipped"],
+        "profile": ["name", "batch", "step_ms", "gpu_busy_ms", "gpu_busy_share", "kernels_per_step", "error",
+                    "skipped"],
         "host_syncs": ["name", "cuda_syncs_total", "host_read_ops_total", "error", "skipped"],
         "trainer": ["name", "batch", "workers", "samples_s", "windows", "error", "skipped"],
     }
@@ -793,13 +798,14 @@ def run(plan: Plan, report: Report, peak_spec: float, smoke: bool) -> None:
         if dtype == torch.bfloat16 and "tflops" in row:
             peaks["measured"] = row["tflops"]
 
-    def isolated(what: str, variant: Variant) -> Callable[[], dict]:
+    def isolated(section: str, name: str, what: str, variant: Variant, need_s: float) -> None:
         task = {"what": what, "variant": dataclasses.asdict(variant), "peaks": peaks}
-        return lambda: in_fresh_process(task, smoke)
+        # No longer than the budget has left: a hung process must not cost the items after it.
+        report.item(section, name, lambda: in_fresh_process(task, smoke, max(need_s, report.time_left())), need_s)
 
     for variant in plan.eager:
-        report.item("backbones", variant.name, isolated("backbone", variant), need_s=12)
-    report.item("profile", f"{plan.profile.name}, batch {plan.batch}", isolated("profile", plan.profile), need_s=15)
+        isolated("backbones", variant.name, "backbone", variant, need_s=12)
+    isolated("profile", f"{plan.profile.name}, batch {plan.batch}", "profile", plan.profile, need_s=15)
     partial_fc_items(plan, report)
     jpeg_items(plan, report)
     for precision in plan.sync_precisions:
@@ -812,8 +818,7 @@ def run(plan: Plan, report: Report, peak_spec: float, smoke: bool) -> None:
     report.item("backbones", f"{name} eager bf16 channels_last, largest batch",
                 lambda: bench_largest_batch(plan, name, peaks), need_s=20)
     for variant in plan.compiled:
-        report.item("backbones", variant.name, isolated("backbone", variant),
-                    need_s=plan.compile_need_s.get(variant.backbone, 100))
+        isolated("backbones", variant.name, "backbone", variant, need_s=plan.compile_need_s.get(variant.backbone, 100))
 
 
 def main(argv: list[str] | None = None) -> int:

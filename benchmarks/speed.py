@@ -101,7 +101,8 @@ def bench_partial_fc(sizes: Sizes) -> list[dict]:
     for classes in sizes.classes:
         for design in ("dense", "sparse"):
             point = partial_fc.measure(classes, 0.1, 1, design, args)
-            row = {"name": f"{classes:,} classes, {'dense gradient (reference)' if design == 'dense' else 'row-sparse'}",
+            what = "dense gradient (reference)" if design == "dense" else "row-sparse"
+            row = {"name": f"{classes:,} classes, {what}",
                    "classes": classes, "design": design, "status": point["status"]}
             if point["status"] == "ok":
                 row.update(step_s=point["step_s"], peak_gib=point["peak_gib_total"])
