@@ -2,6 +2,7 @@
 
     python tools/benchmark.py gpu --out benchmarks/results/gpu.json
     python tools/benchmark.py gpu --smoke          # every section on tiny sizes, CPU when there is no GPU
+    python tools/benchmark.py gpu --render benchmarks/results/gpu_h200_rerun.json   # summary again, no measuring
 
 Sections (each item prints a line as it finishes and is appended to the JSON at once, so an interrupted run keeps
 what it measured; an item that fails records its error and the run goes on; once --budget-s has passed, the
@@ -700,6 +701,22 @@ def bench_syncs(plan: Plan, precision: str) -> dict:
 
 # ---- summary and tables ----------------------------------------------------------------------------------------
 
+def batch_scaling(data: dict, name: str = "r50 eager bf16 channels_last") -> dict:
+    """Step time of `name` against batch: a line fitted to the batches of 512 and more (where the GPU's work sets
+    the pace), and how far the batch-128 step lies above it: time that is not the GPU working through the batch."""
+    row = next((r for r in data["backbones"] if r["name"] == name and "step_ms" in r), None)
+    tried = next((r["tried"] for r in data["backbones"] if r["name"] == f"{name}, largest batch" and "tried" in r), [])
+    points = {t["batch"]: 1e3 * t["batch"] / t["samples_s"] for t in tried if t.get("fits")}
+    fit = sorted(b for b in points if b >= 512)
+    if row is None or len(fit) < 2:
+        return {}
+    slope, intercept = np.polyfit(fit, [points[b] for b in fit], 1)
+    batch = row["batch"]
+    return {"fitted_batches": fit, "intercept_ms": round(float(intercept), 2), "ms_per_sample": round(float(slope), 4),
+            "samples_s_cap": round(1e3 / float(slope)), f"batch_{batch}_ms": row["step_ms"],
+            f"batch_{batch}_above_line_ms": round(row["step_ms"] - float(intercept + slope * batch), 1)}
+
+
 def summarise(data: dict) -> dict:
     rows = {r["name"]: r for r in data["backbones"] if "samples_s" in r}
     base = rows.get(BASELINE) or next((r for r in data["backbones"] if "samples_s" in r), None)
@@ -739,6 +756,7 @@ def summarise(data: dict) -> dict:
         if best[k] and best_r50:
             summary["decode"][f"{k}_feeds_r50"] = best[k] >= best_r50
             summary["decode"][f"{k}_over_r50_rate"] = round(best[k] / best_r50, 2)
+    summary["batch_scaling"] = batch_scaling(data)
     return summary
 
 
@@ -821,6 +839,20 @@ def run(plan: Plan, report: Report, peak_spec: float, smoke: bool) -> None:
         isolated("backbones", variant.name, "backbone", variant, need_s=plan.compile_need_s.get(variant.backbone, 100))
 
 
+def render(path: Path) -> int:
+    if not path.is_file():
+        print(f"error: --render {path} is not a file: name a JSON written by this benchmark", file=sys.stderr)
+        return 2
+    data = json.loads(path.read_text())
+    for section in SECTIONS:  # runs recorded before the section existed
+        data.setdefault(section, [])
+    data["summary"] = summarise(data)
+    write_text_atomically(path, json.dumps(data, indent=1, default=str) + "\n")
+    write_text_atomically(path.with_suffix(".md"), tables(data))
+    print(f"rewrote {path} and {path.with_suffix('.md')}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tools/benchmark.py gpu", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -837,8 +869,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true",
                         help="tiny sizes (r_tiny, batch 2, 1k classes, 8 JPEGs, torch.compile with the eager "
                              "backend), on CPU when there is no GPU: checks every code path in well under a minute")
+    parser.add_argument("--render", metavar="JSON",
+                        help="measure nothing: recompute the summary of a recorded run and rewrite its JSON and tables")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # one measurement, for in_fresh_process
     args = parser.parse_args(argv)
+    if args.render:
+        return render(Path(args.render))
     sections = tuple(args.sections.split(","))
     unknown = sorted(set(sections) - set(SECTIONS))
     if unknown:

@@ -98,3 +98,14 @@ def test_gpu_busy_time_counts_overlapping_kernels_once():
     assert busy_us([]) == 0
     # Two streams overlapping on [2, 3), one kernel inside another, and a gap of idle time between 5 and 7.
     assert busy_us([(7, 9), (0, 3), (2, 5), (2.5, 2.75)]) == 7
+
+
+def test_render_recomputes_the_recorded_batch_scaling(tmp_path):
+    recorded = tmp_path / "gpu.json"
+    recorded.write_text((REPO / "benchmarks" / "results" / "gpu_h200_rerun.json").read_text())
+    assert benchmark.main(["gpu", "--render", str(recorded)]) == 0
+    scaling = json.loads(recorded.read_text())["summary"]["batch_scaling"]
+    # The figures benchmarks/results/gpu_h200_notes.md cites: 8.8 ms + 0.182 ms per sample, 12.6 ms above at 128.
+    assert scaling["fitted_batches"] == [512, 1024, 2048]
+    assert (scaling["intercept_ms"], scaling["ms_per_sample"], scaling["batch_128_above_line_ms"]) == (8.82, 0.1818, 12.6)
+    assert "batch_scaling" in recorded.with_suffix(".md").read_text()
