@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from arcface.engine.schedule import WARMUPS
 from arcface.engine.trainer import ACCUMULATIONS, COMPILE_CHOICES, NONFINITE_POLICIES
@@ -52,6 +52,7 @@ COUNT = Range(1, integer=True)
 PERIOD = Range(0, integer=True)  # 0 switches the periodic action off
 FRACTION = Range(0, 1)
 POSITIVE = Range(0, low_open=True)
+DECAY = Range(0, 1, high_open=True)  # a running average's keep rate, or a share that must leave something
 
 RULES: dict[str, Range] = {
     "embedding_size": COUNT,
@@ -70,7 +71,12 @@ RULES: dict[str, Range] = {
     "trainer.seed": Range(0, integer=True),
     "optimizer.lr": POSITIVE,
     "optimizer.weight_decay": Range(0),
-    "optimizer.momentum": Range(0, 1, high_open=True),
+    "optimizer.momentum": DECAY,
+    "optimizer.eps": POSITIVE,
+    "scheduler.power": POSITIVE,  # a negative power would raise the LR as training goes on
+    "backbone.dropout": DECAY,
+    "backbone.drop_path": DECAY,
+    "backbone.mask_ratio": DECAY,
     "pfc.rate": FRACTION,
     "margin.s": POSITIVE,
     "margin.m1": Range(1, 4),  # multiplicative angular (SphereFace): 1 = none
@@ -83,7 +89,8 @@ RULES: dict[str, Range] = {
 }
 
 # `=no` would arrive as a string, which is truthy
-FLAGS = ("trainer.verify_at_start", "trainer.verify_at_end", "trainer.export_onnx", "trainer.cudnn_benchmark")
+FLAGS = ("trainer.verify_at_start", "trainer.verify_at_end", "trainer.export_onnx", "trainer.cudnn_benchmark",
+         "backbone.checkpointing", "backbone.pretrained", "pfc.sparse_update", "margin.straight_through")
 
 CHOICES: dict[str, tuple[str | bool, ...]] = {
     "trainer.precision": tuple(PRECISIONS),
@@ -111,6 +118,10 @@ def check_config(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if not rule.admits(value):
             raise UserError(f"{key}={value!r} is invalid: {key} must be {rule.describe()}")
+    betas = OmegaConf.select(cfg, "optimizer.betas")
+    if betas is not None and not (isinstance(betas, ListConfig) and len(betas) == 2 and all(map(DECAY.admits, betas))):
+        raise UserError(f"optimizer.betas={betas} is invalid: optimizer.betas must be two numbers >= 0 and < 1, "
+                        f"e.g. optimizer.betas=[0.9,0.999]")
     for key in FLAGS:
         value = OmegaConf.select(cfg, key, default=False)
         if not isinstance(value, bool):

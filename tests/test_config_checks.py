@@ -34,6 +34,16 @@ from conftest import TINY, compose_config
     ("backbone.channels_last=yes", "backbone.channels_last"),
     ("backbone.channels_last=1", "backbone.channels_last"),
     ("trainer.cudnn_benchmark=fast", "trainer.cudnn_benchmark"),
+    ("backbone.checkpointing=no", "backbone.checkpointing"),
+    ("pfc.sparse_update=no", "pfc.sparse_update"),
+    ("margin.straight_through=off", "margin.straight_through"),
+    ("backbone.dropout=1.5", "backbone.dropout"),
+    ("backbone=vit_t backbone.mask_ratio=1.5", "backbone.mask_ratio"),
+    ("backbone=vit_t backbone.drop_path=-0.1", "backbone.drop_path"),
+    ("scheduler.power=-1", "scheduler.power"),
+    ("optimizer=adamw +optimizer.eps=0", "optimizer.eps"),
+    ("optimizer=adamw +optimizer.betas=[1.5,0.9]", "optimizer.betas"),
+    ("optimizer=adamw +optimizer.betas=0.9", "optimizer.betas"),
 ])
 def test_bad_values_name_the_key(override, key):
     cfg = compose_config(override.split())
@@ -42,7 +52,8 @@ def test_bad_values_name_the_key(override, key):
 
 
 @pytest.mark.parametrize("overrides", [[], ["trainer.grad_clip=null"], ["margin=sphereface"], ["margin=adaface"],
-                                       ["optimizer=adamw"], ["experiment=ms1mv3_r50"], ["pfc.rate=0"],
+                                       ["optimizer=adamw"], ["optimizer=adamw", "+optimizer.betas=[0.9,0.99]"],
+                                       ["experiment=ms1mv3_r50"], ["pfc.rate=0"],
                                        ["dataset=folder"], ["dataset=rec", "dataset.loader=device_decode"]])
 def test_shipped_settings_pass(overrides):
     check_config(compose_config(overrides))

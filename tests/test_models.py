@@ -197,6 +197,17 @@ def forward_counting_saved(model, x) -> tuple[torch.Tensor, int]:
         return model(x), saved
 
 
+@pytest.mark.parametrize("build", [*SMALL, partial(small_vit, mask_ratio=0.0), partial(create_backbone, "test_convnext"),
+                                   partial(create_backbone, "test_convnext", pool="avg")],
+                         ids=[*SMALL_IDS, "vit-unmasked", "timm-flatten", "timm-avg"])
+def test_every_trainable_parameter_gets_a_gradient(build):
+    """DDP stops at its second step over a trainable parameter that got no gradient: the ViT's mask token without
+    masking, timm's pooling head under pool=flatten."""
+    model = build(embedding_size=32).train()
+    model(images()).sum().backward()
+    assert [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
+
+
 @pytest.mark.parametrize("build", SMALL, ids=SMALL_IDS)
 def test_checkpointing_gives_identical_outputs_grads_and_statistics(build):
     torch.manual_seed(3)

@@ -24,6 +24,20 @@ def _is_timm_model(name: str) -> bool:
     return timm.is_model(name)
 
 
+def _parameters_reached(output: torch.Tensor) -> set[int]:
+    """The ids of the parameters `output` was computed from, read off its autograd graph."""
+    reached, seen, pending = set(), set(), [output.grad_fn]
+    while pending:
+        node = pending.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if hasattr(node, "variable"):  # AccumulateGrad: where a parameter enters the graph
+            reached.add(id(node.variable))
+        pending.extend(parent for parent, _ in node.next_functions)
+    return reached
+
+
 class TimmBackbone(Backbone):
     def __init__(
         self,
@@ -46,17 +60,18 @@ class TimmBackbone(Backbone):
         if timm.models.get_pretrained_cfg_value(model_name, "fixed_input_size"):
             timm_kwargs.setdefault("img_size", img_size)
         self.trunk = timm.create_model(model_name, pretrained=pretrained, num_classes=0, **timm_kwargs)
+        if pool not in ("flatten", "avg"):
+            raise UserError(f"backbone.pool={pool} is not a pooling: use backbone.pool=flatten or backbone.pool=avg")
+        self.pool = pool
+        self.dropout = nn.Dropout(dropout)
+        # Measured before checkpointing is on, whose recomputation would hide the parameters from the graph.
+        self.fc = nn.Linear(self._width(img_size), embedding_size, bias=False)
         if checkpointing:
             try:
                 self.trunk.set_grad_checkpointing(True)
             except (AssertionError, NotImplementedError, AttributeError):
                 raise UserError(f"timm model {model_name!r} has no gradient checkpointing: "
                                 "set backbone.checkpointing=false") from None
-        if pool not in ("flatten", "avg"):
-            raise UserError(f"backbone.pool={pool} is not a pooling: use backbone.pool=flatten or backbone.pool=avg")
-        self.pool = pool
-        self.dropout = nn.Dropout(dropout)
-        self.fc = nn.Linear(self._width(img_size), embedding_size, bias=False)
         self.features = nn.BatchNorm1d(embedding_size, eps=2e-5)
         self.finish_init()
 
@@ -69,9 +84,13 @@ class TimmBackbone(Backbone):
         # device when the model is built there, at no cost).
         device = next(self.trunk.parameters()).device
         was_training = self.trunk.training
-        with torch.no_grad():
-            features = self.trunk.eval().forward_features(torch.zeros(1, 3, img_size, img_size, device=device))
+        features = self.trunk.eval().forward_features(torch.zeros(1, 3, img_size, img_size, device=device))
         self.trunk.train(was_training)
+        # timm's pooling head (ConvNeXt's head.norm, ...) lies past the features, so it never gets a gradient:
+        # frozen, since DDP stops at its second step over a trainable parameter without one.
+        reached = _parameters_reached(features)
+        for parameter in self.trunk.parameters():
+            parameter.requires_grad_(id(parameter) in reached)
         return features[0].numel()
 
     def _trunk(self, x: torch.Tensor) -> torch.Tensor:

@@ -120,7 +120,9 @@ class VisionTransformer(Backbone):
             nn.Linear(embed_dim, embedding_size, bias=False),
             nn.BatchNorm1d(embedding_size, eps=2e-5),
         )
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        # Kept without masking for the reference's state_dict keys, but frozen: DDP stops at its second step over a
+        # trainable parameter that got no gradient.
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim), requires_grad=mask_ratio > 0)
         nn.init.normal_(self.mask_token, std=0.02)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         for m in self.modules():
