@@ -161,14 +161,15 @@ def copy_run(source: Path, destination: Path) -> Path:
 
 # --- in-process training parts ------------------------------------------------------------------------------
 
-def tiny_trainer(output_dir: Path, *, head=None, steps: int = 4, val_sets=None, **options):
+def tiny_trainer(output_dir: Path, *, head=None, steps: int = 4, val_sets=None, backbone=None, **options):
     """A real Trainer on 8 synthetic 16x16 identities (4 images each), a linear backbone and SGD: milliseconds a step.
 
-    `head`: a factory of the classifier (default: Partial FC with ArcFace); `options`: TrainerOptions fields on top
-    of conf/train.yaml's (save_every=0 and log_every=1 unless given)."""
+    `head`, `backbone`: factories of the classifier (default: Partial FC with ArcFace) and of the 16-d embedding
+    network; `options`: TrainerOptions fields on top of conf/train.yaml's (save_every=0 and log_every=1 unless
+    given)."""
     torch.manual_seed(0)
     data = SyntheticIdentities(num_classes=8, images_per_class=4, image_size=16)
-    backbone = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 16))
+    backbone = backbone() if backbone else torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 16))
     head = head() if head else PartialFC(CombinedMargin(), embedding_size=16, num_classes=8)
     optimizer = build_optimizer(partial(torch.optim.SGD, lr=0.1, momentum=0.9), backbone, head)
     loader = build_loader(data, 4, rank=0, world_size=1, seed=0, num_workers=0, device=CPU.device)

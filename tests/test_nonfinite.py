@@ -9,7 +9,7 @@ import torch
 
 from arcface.engine.training_state import read_classifier, read_training_state
 from arcface.engine.trainer import Diverged, Trainer
-from arcface.heads import CombinedMargin, PartialFC
+from arcface.heads import CombinedMargin, CurricularFace, PartialFC
 from conftest import TINY, error_line, tiny_trainer, train_here
 
 
@@ -52,6 +52,33 @@ def test_skip_drops_the_step_and_goes_on(tmp_path):
     for path in tmp_path.glob("checkpoint*.pt"):
         assert _all_finite(path), path
     assert read_training_state(tmp_path / "checkpoint.pt")["skipped_steps"] == 2
+
+
+class _PoisonedInput(torch.nn.Module):
+    """Multiplies the images by infinity on the chosen calls (1-based): the forward pass itself goes non-finite."""
+
+    def __init__(self, bad_calls: set[int]):
+        super().__init__()
+        self.bad_calls, self.calls = bad_calls, 0
+
+    def forward(self, x):
+        self.calls += 1
+        return x * float("inf") if self.calls in self.bad_calls else x
+
+
+def test_a_skipped_step_leaves_no_trace_in_running_statistics(tmp_path):
+    """BatchNorm's running statistics and CurricularFace's running target cosine are updated during the forward
+    pass, before the loss shows that the step is dropped: they are put back with it."""
+    backbone = partial(torch.nn.Sequential, _PoisonedInput({3}), torch.nn.Flatten(),
+                       torch.nn.Linear(3 * 16 * 16, 16), torch.nn.BatchNorm1d(16))
+    head = partial(PartialFC, CurricularFace(), embedding_size=16, num_classes=8)
+    trainer = tiny_trainer(tmp_path, backbone=backbone, head=head, steps=6, save_every=2, verify_at_start=False,
+                           on_nonfinite="skip")
+    trainer.fit()
+    assert trainer.step == 6 and trainer.skipped_steps == 1
+    for path in tmp_path.glob("checkpoint*.pt"):
+        assert _all_finite(path) and bool(torch.isfinite(read_classifier(path)["margin"]["t"])), path
+    assert torch.isfinite(trainer.backbone[3].running_var).all() and torch.isfinite(trainer.head.margin.t)
 
 
 def test_diverging_run_exits_with_one_sentence(tmp_path):

@@ -81,11 +81,28 @@ def _refuse_what_cannot_train(backbone: nn.Module, options: TrainerOptions, devi
         named = " and ".join(switches)
         raise UserError(f"{named} train{'s' * (len(switches) == 1)} the backbone in channels_last, and training "
                         f"{layer} that way crashes torch's CPU kernels: on the CPU, train without {named}, or widen "
-                        f"that layer's input to 16 channels (r_tiny: backbone.widths=[16,32,64,128])")
+                        f"that layer's input to 16 channels (r_tiny: +backbone.widths=[16,32,64,128])")
 
 
 class Diverged(UserError):
     """The loss or the weights stopped being finite; nothing non-finite was saved."""
+
+
+class _RunningStatistics:
+    """The buffers a forward pass updates in place (BatchNorm's running statistics, the margin's), saved before each
+    step so that a step dropped under on_nonfinite=skip leaves no non-finite value in them either."""
+
+    def __init__(self, *modules: nn.Module):
+        self.live = [buffer for module in modules for buffer in module.buffers()]
+        self.saved = [buffer.clone() for buffer in self.live]
+
+    def save(self) -> None:
+        if self.live:
+            torch._foreach_copy_(self.saved, self.live)
+
+    def restore(self) -> None:
+        if self.live:
+            torch._foreach_copy_(self.live, self.saved)
 
 
 def _every(step: int, period: int) -> bool:
@@ -136,6 +153,7 @@ class Trainer:
         self.tracking_run_id: str | None = None  # the MLflow run a resumed run continues
         self.results: dict[str, dict[str, float]] = {}
         self._flags = StepFlags(env.device)
+        self._statistics = _RunningStatistics(backbone, head) if options.on_nonfinite == "skip" else None
         self._log_window = (0.0, 0)  # (sum of step losses, steps) since the last progress line
 
     @property
@@ -216,15 +234,18 @@ class Trainer:
         return f"the last good checkpoint is {path} (step {step})"
 
     def _weights_finite(self) -> bool:
-        """Every rank's parameters are finite (one reduction per rank, agreed across ranks)."""
-        params = [p.detach() for p in (*self.backbone.parameters(), *self.head.parameters())]
-        finite = bool(torch.stack([torch.isfinite(p).all() for p in params]).all())
+        """Every rank's parameters and running statistics are finite (one reduction per rank, agreed across
+        ranks)."""
+        tensors = [t.detach() for module in (self.backbone, self.head)
+                   for t in (*module.parameters(), *module.buffers()) if t.is_floating_point()]
+        finite = bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
         return not self._flags.agree_now(not finite)
 
     def _save_checkpoint(self) -> None:
         self._check_flags(wait=True)
         if not self._weights_finite():
-            raise Diverged(f"the weights are not finite at step {self.step}, so no checkpoint was written; "
+            raise Diverged(f"the weights or running statistics are not finite at step {self.step}, so no checkpoint "
+                           f"was written; "
                            f"{self.last_checkpoint_note()}: start afresh with a lower optimizer.lr")
         streams = gather_objects(rng.capture(self.env.device, self._generators()))
         window_sum, window_steps = self._log_window
@@ -255,6 +276,8 @@ class Trainer:
             for images, labels in self.loader:
                 x = prepare_batch(images, self.env.device, flip=True)
                 labels = labels.to(self.env.device, non_blocking=True)
+                if self._statistics is not None and micro % opts.gradient_acc == 0:
+                    self._statistics.save()
                 micro += 1
                 last_micro = micro % opts.gradient_acc == 0
                 sync = contextlib.nullcontext() if last_micro or self._ddp is None else self._ddp.no_sync()
@@ -286,6 +309,7 @@ class Trainer:
         skip = self.options.on_nonfinite == "skip"
         if skip and self._flags.agree_now(not bool(torch.isfinite(step_loss))):
             self.optimizer.zero_grad(set_to_none=True)
+            self._statistics.restore()
             self.skipped_steps += 1
             log.warning("skipped step %d: the loss is not finite (%d skipped so far)", self.step + 1,
                         self.skipped_steps)
