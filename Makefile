@@ -36,4 +36,4 @@ test-all: $(INSTALLED)
 	$(BIN)/python -m pytest $(ARGS)
 
 clean:
-	rm -rf $(VENV) outputs multirun mlflow.db .pytest_cache
+	rm -rf $(VENV) outputs multirun mlflow.db mlruns .pytest_cache

@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import signal
+import subprocess
 import sys
 
 from omegaconf import DictConfig, OmegaConf
@@ -63,14 +64,9 @@ def warn_if_not_submitted(cfg: DictConfig, multirun: bool) -> None:
 
 
 def check_sweep(config: DictConfig) -> None:
-    """Sweeps that cannot do what they say stop with one sentence (exit 2) before anything is submitted: a SLURM
-    sweep where SLURM's commands are missing, and a sweep over cluster.* values, which the one launcher of a sweep
-    would silently apply to no job."""
-    target = OmegaConf.select(config, "hydra.launcher._target_", default="") or ""
-    if target.endswith("SlurmLauncher") and shutil.which("sbatch") is None:
-        _stop("cluster=slurm (hydra/launcher=submitit_slurm) needs SLURM's sbatch, which is not on PATH here: run on a "
-              "SLURM login node, bring a local cluster up with launchers/slurm_local_up.sh, or sweep on this machine "
-              "with hydra/launcher=submitit_local")
+    """Sweeps that cannot do what they say stop with one sentence (exit 2) before anything is submitted: a sweep
+    over cluster.* values, which the one launcher of a sweep would silently apply to no job, and a SLURM sweep where
+    SLURM's commands are missing or its controller cannot be reached."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     for override in OverridesParser.create().parse_overrides(list(config.hydra.overrides.task)):
@@ -78,6 +74,29 @@ def check_sweep(config: DictConfig) -> None:
         if override.is_sweep_override() and key.startswith(("cluster.", "hydra.launcher.")):
             _stop(f"{override.input_line} sweeps a launcher setting, but one sweep has one launcher and every job "
                   f"would get the same {key}: run one sweep per value")
+    target = OmegaConf.select(config, "hydra.launcher._target_", default="") or ""
+    if target.endswith("SlurmLauncher"):
+        unreachable = _slurm_unreachable()
+        if unreachable:
+            _stop(f"cluster=slurm (hydra/launcher=submitit_slurm) needs a SLURM controller, and {unreachable}: run on "
+                  f"a SLURM login node, bring a local cluster up with launchers/slurm_local_up.sh, or sweep on this "
+                  f"machine with hydra/launcher=submitit_local")
+
+
+def _slurm_unreachable() -> str | None:
+    """Why no job can be submitted from here (sbatch missing, or `scontrol ping`'s last line), or None."""
+    if shutil.which("sbatch") is None:
+        return "SLURM's sbatch is not on PATH here"
+    if shutil.which("scontrol") is None:  # nothing more to ask: sbatch will tell
+        return None
+    try:
+        ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        return "scontrol ping had no answer within 60 s"
+    if ping.returncode == 0:
+        return None
+    said = (ping.stderr.strip() or ping.stdout.strip()).splitlines()
+    return f"scontrol ping says: {said[-1] if said else f'exit status {ping.returncode}'}"
 
 
 def _stop(message: str) -> None:

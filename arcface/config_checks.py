@@ -5,6 +5,7 @@ Hydra passes command-line values through as typed by the user, so `pfc.rate=abc`
 """
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -105,6 +106,10 @@ CHOICES: dict[str, tuple[str | bool, ...]] = {
 }
 
 
+# Nodes whose keys are free-form: keys added there go to sbatch or Hydra, or name a pair set.
+FREE_FORM = ("hydra", "cluster.sbatch", "dataset.val")
+
+
 def _spelled(choice: str | bool) -> str:
     """A choice as it is written in YAML and on the command line."""
     return str(choice).lower() if isinstance(choice, bool) else choice
@@ -131,3 +136,31 @@ def check_config(cfg: DictConfig) -> None:
         # By type as well as value: 1 == True, but channels_last=1 is not a choice.
         if value != "<absent>" and not any(type(value) is type(c) and value == c for c in choices):
             raise UserError(f"{key}={value} is unknown: set {key} to one of {', '.join(map(_spelled, choices))}")
+
+
+def check_added_keys(cfg: DictConfig, overrides: list[str], groups: set[str]) -> None:
+    """Refuse a `+key=value` override that adds a key nothing reads.
+
+    Hydra's own advice for a misspelled key is to add it with `+`, which it then accepts silently: `+trainer.batchsize=32`
+    would train at the default batch size. Added keys are read only as arguments of a built object (a node with a
+    `_target_`, whose constructor refuses names it does not take) and in free-form nodes (FREE_FORM); `groups` are the
+    config groups (`+experiment=...` picks one).
+    """
+    for override in overrides:
+        if not override.startswith("+") or override.startswith("++"):
+            continue
+        key = override[1:].split("=", 1)[0]
+        if key in groups or "/" in key or "@" in key:
+            continue
+        parent, _, name = key.rpartition(".")
+        if any(parent == free or parent.startswith(free + ".") for free in FREE_FORM):
+            continue
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+        if isinstance(node, DictConfig) and "_target_" in node:
+            continue
+        known = [k for k in node if k != name] if isinstance(node, DictConfig) else []
+        close = difflib.get_close_matches(name, known, n=1)
+        where = f"{parent}." if parent else ""
+        fix = f"did you mean {where}{close[0]}? Set it without the +" if close else "remove it"
+        raise UserError(f"{override.split('=', 1)[0]} adds a key that nothing reads ({parent or 'the config'} has "
+                        f"no {name}): {fix}")

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from arcface.cluster import (REQUEUE_SIGNAL, register_resolvers, requeue, submitit_requeue_handler,
                              warn_if_not_submitted)
 from arcface.compat import check_compat
-from arcface.config_checks import check_config
+from arcface.config_checks import check_added_keys, check_config
 from arcface.data.loader import build_loader
 from arcface.distributed import DistEnv, broadcast_object, get_rank, init_distributed, shutdown_distributed
 from arcface.engine.training_state import CHECKPOINT_NAME, newest_readable
@@ -67,11 +67,16 @@ def _total_steps(cfg: DictConfig, num_images: int, world_size: int, batches_per_
 
 
 def _resume_path(resume: str | None, run_dir: Path) -> Path | None:
-    """`trainer.resume`: null = start afresh, auto = the newest checkpoint in this run dir that loads, else a path.
+    """`trainer.resume`: null = start afresh (refused over an earlier run's checkpoint), auto = the newest checkpoint
+    in this run dir that loads, else a path.
 
     Rank 0 decides for everyone (a rank that saw a different answer would run mismatched collectives) and says
     what it decided.
     """
+    if resume is None and (run_dir / CHECKPOINT_NAME).exists():
+        # Starting afresh here would rotate that run's checkpoints out, one per save.
+        raise UserError(f"{run_dir / CHECKPOINT_NAME} holds an earlier run's state: continue it with "
+                        f"trainer.resume=auto, or start afresh in another directory (hydra.run.dir=...)")
     if resume == "auto" and get_rank() == 0:
         found, skipped = newest_readable(run_dir)
         for reason in skipped:
@@ -108,6 +113,13 @@ def trainer_options(cfg: DictConfig) -> TrainerOptions:
     return TrainerOptions(eval_batch_size=cfg.trainer.batch_size, **{key: cfg.trainer[key] for key in keys})
 
 
+def _console_warnings_only() -> None:
+    """A rank other than 0 keeps its progress to its own rank<k>.log: on a shared console, lines would repeat."""
+    for handler in logging.getLogger().handlers:
+        if type(handler) is logging.StreamHandler:  # Hydra's console handler; file handlers are subclasses
+            handler.setLevel(logging.WARNING)
+
+
 def _cpu_precision(cfg: DictConfig, env: DistEnv) -> None:
     """fp16 on a CPU-only run trains in fp32 instead, saying so once: the fp16 loss scaler needs CUDA, and CPU
     autocast to fp16 measured 4-8x slower than fp32 (r_tiny and r18, forward and backward, 2 cores)."""
@@ -140,18 +152,23 @@ def _count_classes(cfg: DictConfig, dataset) -> None:
 def train(cfg: DictConfig, stop_request: StopRequest) -> str | None:
     """Build everything and train; returns the signal that stopped the run early (state saved), or None."""
     check_config(cfg)
+    hydra_cfg = HydraConfig.get()
+    check_added_keys(cfg, list(hydra_cfg.overrides.task), set(hydra_cfg.runtime.choices))
     check_compat(cfg)
-    warn_if_not_submitted(cfg, multirun=HydraConfig.get().mode == RunMode.MULTIRUN)
+    warn_if_not_submitted(cfg, multirun=hydra_cfg.mode == RunMode.MULTIRUN)
     env = init_distributed(timeout_s=cfg.trainer.dist_timeout_s)
-    output_dir = Path(HydraConfig.get().runtime.output_dir)
+    if not env.is_main:
+        _console_warnings_only()
+    output_dir = Path(hydra_cfg.runtime.output_dir)
     if env.is_main:
         for name in (CHECKPOINT_NAME, "model.pt"):  # what a killed writer may have left
             remove_stale_temporaries(output_dir / name)
+    resume_from = _resume_path(cfg.trainer.resume, output_dir)
     _cpu_precision(cfg, env)
     torch.manual_seed(cfg.trainer.seed)
     dataset = instantiate(cfg.dataset.train)
     _count_classes(cfg, dataset)
-    pair_sets = selected_pair_sets(OmegaConf.select(cfg, "dataset.val"), HydraConfig.get().overrides.task)
+    pair_sets = selected_pair_sets(OmegaConf.select(cfg, "dataset.val"), hydra_cfg.overrides.task)
     verifies = cfg.trainer.verify_at_start or cfg.trainer.verify_at_end or cfg.trainer.verify_every > 0
     # Pair sets cost time to load or render: only rank 0 verifies, and only when a verification is switched on.
     val_sets = {name: instantiate(node) for name, node in pair_sets.items()} if env.is_main and verifies else {}
@@ -170,7 +187,6 @@ def train(cfg: DictConfig, stop_request: StopRequest) -> str | None:
     stop_request.on_second_signal = lambda: f"; {trainer.last_checkpoint_note()}"
     # Initialisation above is identical on every rank; augmentation must differ between ranks.
     torch.manual_seed(cfg.trainer.seed + env.rank)
-    resume_from = _resume_path(cfg.trainer.resume, output_dir)
     if resume_from is not None:
         trainer.resume(resume_from)  # restores the random streams too, where the world size is unchanged
     tracker.start(settings(cfg), run_id=trainer.tracking_run_id,
@@ -178,7 +194,7 @@ def train(cfg: DictConfig, stop_request: StopRequest) -> str | None:
                         **job_tags()})
     try:
         tracker.log_artifacts(output_dir / ".hydra", artifact_path="hydra")
-        log.info("training %s (%s) on %s (%d images, %d classes) for %d steps on %d %s process(es); outputs in %s",
+        log.info("training %s (%s) on %s (%d images, %d classes) for %d step(s) on %d %s process(es); outputs in %s",
                  cfg.backbone.name, _how(cfg, backbone), cfg.dataset.name, len(dataset), cfg.dataset.num_classes,
                  total, env.world_size, env.device.type, output_dir)
         results = trainer.fit()

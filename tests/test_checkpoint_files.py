@@ -85,8 +85,16 @@ def test_files_that_are_no_checkpoint_name_the_file_and_the_key(tmp_path):
         read_training_state(missing)
     text = tmp_path / "conftest.py"
     text.write_text("not a checkpoint")
-    with pytest.raises(UserError, match=rf"^{text} cannot be read as a checkpoint .*trainer.resume"):
+    with pytest.raises(UserError, match=rf"^checkpoint {text} is not a complete torch.save archive \(16 bytes\): it "
+                                        r"was damaged in writing or copying \(resume from the one before, "
+                                        r"checkpoint.1.pt beside it\), or is not a checkpoint.pt of arcface-train$"):
         read_training_state(text)
+    good = tmp_path / "good.pt"
+    torch.save({"format": "arcface.train/3"}, good)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[:-100])
+    with pytest.raises(UserError, match=rf"^checkpoint {truncated} is not a complete torch.save archive"):
+        read_training_state(truncated)
 
 
 def test_resume_auto_skips_a_corrupt_newest_checkpoint(finished_run, tmp_path):
@@ -96,5 +104,5 @@ def test_resume_auto_skips_a_corrupt_newest_checkpoint(finished_run, tmp_path):
                         "trainer.verify_at_end=false"], tmp_path)
     log = again.stdout + again.stderr
     assert again.returncode == 0, log[-3000:]
-    assert f"skipping a checkpoint that does not load: {newest}" in log
+    assert f"skipping a checkpoint that does not load: checkpoint {newest} is empty (0 bytes)" in log
     assert f"resumed from {tmp_path / 'run' / 'checkpoint.1.pt'} at step 2/5" in log

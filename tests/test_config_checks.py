@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from arcface.config_checks import check_config
+from arcface.config_checks import check_added_keys, check_config
 from arcface.errors import UserError
-from conftest import TINY, compose_config
+from conftest import TINY, compose_config, error_line, train_here
 
 
 @pytest.mark.parametrize("override,key", [
@@ -75,3 +75,30 @@ def test_the_installed_command_prints_one_line_and_exits_2(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert [line for line in proc.stderr.splitlines() if line.startswith("error: ")] == [
         "error: pfc.rate='abc' is invalid: pfc.rate must be a number >= 0 and <= 1"]
+
+
+GROUPS = {"backbone", "dataset", "dataset/val", "experiment", "optimizer"}
+
+
+@pytest.mark.parametrize("override,message", [
+    ("+trainer.batchsize=32", r"^\+trainer.batchsize adds a key that nothing reads \(trainer has no batchsize\): did you "
+                              r"mean trainer.batch_size\? Set it without the \+$"),
+    ("+dataset.root=/data/faces", r"^\+dataset.root adds a key that nothing reads \(dataset has no root\): remove it$"),
+    ("+seed=1", r"^\+seed adds a key that nothing reads \(the config has no seed\): remove it$"),
+])
+def test_an_added_key_that_nothing_reads_is_refused(override, message):
+    """Hydra's advice for a misspelled key is to add it with +, which it then accepts and nothing reads."""
+    with pytest.raises(UserError, match=message):
+        check_added_keys(compose_config([override]), [override], GROUPS)
+
+
+@pytest.mark.parametrize("overrides", [["+backbone.widths=[16,32,64,128]"], ["+cluster.sbatch.mail-type=END"],
+                                       ["optimizer=adamw", "+optimizer.betas=[0.9,0.99]"],
+                                       ["++trainer.batch_size=64"], ["~experiment", "+experiment=demo_small"]])
+def test_keys_that_a_constructor_or_a_free_form_node_reads_may_be_added(overrides):
+    check_added_keys(compose_config(overrides), overrides, GROUPS)
+
+
+def test_the_entrypoint_refuses_an_added_key_that_nothing_reads(tmp_path):
+    proc = train_here([*TINY, "tracking=none", "+trainer.batchsize=32"], tmp_path)
+    assert error_line(proc).startswith("error: +trainer.batchsize adds a key that nothing reads")

@@ -3,6 +3,7 @@ training device (here the CPU, the same code path as nvJPEG on CUDA); bad record
 from __future__ import annotations
 
 import io
+import logging
 
 import numpy as np
 import pytest
@@ -61,11 +62,12 @@ def test_a_record_that_is_no_jpeg_is_named(tmp_path, packed):
         _epoch(loader, 0)
 
 
-def test_another_size_is_refused_with_the_fix(tmp_path):
+def test_another_size_is_refused_with_the_fix(tmp_path, caplog):
     buffer = io.BytesIO()
     Image.fromarray(np.zeros((96, 80, 3), np.uint8)).save(buffer, format="JPEG")
-    with pytest.warns(UserWarning, match="are resized to 112x112"):  # the torch loader's way, said at start-up
+    with caplog.at_level(logging.WARNING):
         data = _rec_with(tmp_path, [buffer.getvalue()])
+    assert "are resized to 112x112" in caplog.records[-1].getMessage()  # the torch loader's way, said at start-up
     loader = build_loader(data, 1, rank=0, world_size=1, seed=0, num_workers=0, device=CPU, loader="device_decode")
     with pytest.raises(UserError, match=r"^record 1 of .* is 80x96, and dataset.loader=device_decode takes 112x112 "
                                         r"images only: re-pack with `python tools/pack_rec.py --size 112`"):

@@ -222,3 +222,5 @@ def test_bad_inputs_are_one_sentence(tmp_path, model_file, capsys):
     message = _one_error(capsys, [*net, "--ijb", str(tmp_path / "IJBC"), "--target", "IJBC"])
     assert "1 of the" in message and "5.png" in message and "missing" in message
     assert "nothing to evaluate" in _one_error(capsys, net)
+    missing = tmp_path / "lfw.bin"
+    assert _one_error(capsys, [*net, "--bin", str(missing)]).startswith(f"error: --bin {missing} does not exist")

@@ -45,6 +45,13 @@ def test_stop_names_the_step_and_the_last_good_checkpoint(tmp_path):
     assert read_training_state(tmp_path / "checkpoint.pt")["step"] == 2 and _all_finite(tmp_path / "checkpoint.pt")
 
 
+def test_stop_before_any_checkpoint_says_to_start_afresh(tmp_path):
+    with pytest.raises(Diverged, match=r"^the loss became non-finite at step 1, before any checkpoint was written: "
+                                       r"start afresh with a lower optimizer.lr, or with trainer.on_nonfinite=skip "
+                                       r"to drop such steps$"):
+        _trainer(tmp_path, "stop", bad_calls={1}).fit()
+
+
 def test_skip_drops_the_step_and_goes_on(tmp_path):
     trainer = _trainer(tmp_path, "skip", bad_calls={3, 5})
     trainer.fit()

@@ -14,7 +14,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from arcface.engine.training_state import read_classifier
-from conftest import TINY, run_train, train_here
+from conftest import TINY, error_line, run_train, train_here
 
 EXIT_STOPPED = 75
 STEPS = 8
@@ -126,6 +126,18 @@ def test_second_signal_exits_at_once(tmp_path):
     assert second in (signal.SIGINT, signal.SIGTERM), "\n".join(lines)[-3000:]
     assert lines[-1].startswith(f"second {second.name}: exiting now without saving"), lines[-5:]
     assert not (run_dir / "checkpoint.pt").exists()
+
+
+def test_starting_afresh_over_an_earlier_runs_checkpoint_is_refused(tmp_path):
+    """A second run in the same directory without trainer.resume would rotate the first one's checkpoints out."""
+    args = [*TINY, "tracking=none", "trainer.max_steps=1", "trainer.verify_at_end=false"]
+    assert train_here(args, tmp_path).returncode == 0
+    saved = (tmp_path / "run" / "checkpoint.pt").read_bytes()
+    assert error_line(train_here(args, tmp_path)) == (
+        f"error: {tmp_path / 'run' / 'checkpoint.pt'} holds an earlier run's state: continue it with "
+        f"trainer.resume=auto, or start afresh in another directory (hydra.run.dir=...)")
+    assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == saved
+    assert not (tmp_path / "run" / "checkpoint.1.pt").exists()
 
 
 def test_resume_auto_without_a_checkpoint_says_so(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import subprocess
 import sys
 
@@ -85,6 +86,19 @@ def test_slurm_sweep_without_slurm_is_one_sentence(monkeypatch, capsys, tmp_path
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: cluster=slurm") and "launchers/slurm_local_up.sh" in err and "\n" not in err
+
+
+@pytest.mark.skipif(not (shutil.which("sbatch") and shutil.which("scontrol")), reason="SLURM's client is not installed")
+def test_slurm_sweep_without_a_controller_is_one_sentence(monkeypatch, capsys, tmp_path):
+    """sbatch is installed, but SLURM cannot be reached from here (no configuration): submitit would fail with a
+    traceback after the sweep's MLflow parent run had started."""
+    monkeypatch.setenv("SLURM_CONF", str(tmp_path / "no-slurm.conf"))
+    with pytest.raises(SystemExit) as exit_:
+        check_sweep(_compose(["cluster=slurm"], hydra=True))
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: cluster=slurm (hydra/launcher=submitit_slurm) needs a SLURM controller, and "
+                          "scontrol ping says: scontrol: ") and "\n" not in err, err
 
 
 def test_sweeping_a_launcher_setting_is_one_sentence(capsys):

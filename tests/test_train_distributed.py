@@ -21,6 +21,9 @@ def test_two_ranks_train_then_resume_on_one(tmp_path):
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-3000:]
     assert "on 2 cpu process(es)" in log and "step 3/3" in log
+    # Rank 1 logs to its own file; the console shows rank 0's lines once, and no deprecation notice per rank.
+    assert log.count("training r_tiny") == 1 and "training r_tiny" in (tmp_path / "run" / "rank1.log").read_text()
+    assert "deprecated" not in log, log[-3000:]
     state = torch.load(tmp_path / "run" / "model.pt", map_location="cpu")
     create_backbone("r_tiny", embedding_size=64).load_state_dict(state, strict=True)
 

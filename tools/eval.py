@@ -74,6 +74,10 @@ def run(args: argparse.Namespace) -> dict:
     weights = Path(args.onnx or args.checkpoint or ".")
     output = Path(args.output) if args.output else weights.parent / "eval"
     # Everything the command line names is read and checked before the network runs on anything.
+    missing = next((path for path in args.bin if not Path(path).is_file()), None)
+    if missing:
+        raise UserError(f"--bin {missing} does not exist: give the path of a pair set (.bin) such as the lfw.bin "
+                        f"that InsightFace ships beside train.rec")
     pair_sets = {Path(path).stem: load_pair_set(path) for path in args.bin}
     protocol = read_protocol(args.ijb, args.target) if args.ijb else None
     uri = args.tracking_uri or default_tracking_uri()

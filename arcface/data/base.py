@@ -1,7 +1,7 @@
 """What the datasets of encoded images share: per-item decode on top of batch decode, start-up checks."""
 from __future__ import annotations
 
-import warnings
+import logging
 
 import numpy as np
 import torch
@@ -9,6 +9,8 @@ from torch.utils.data import Dataset
 
 from arcface.data.decode import decode_rgb
 from arcface.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 def warn_if_resized(sample: bytes, size: int, source: str) -> None:
@@ -18,9 +20,9 @@ def warn_if_resized(sample: bytes, size: int, source: str) -> None:
     except ValueError:
         return  # a broken image is reported, with its location, when it is loaded
     if (height, width) != (size, size):
-        warnings.warn(f"images in {source} are {width}x{height} (first one checked) and are resized to "
-                      f"{size}x{size}; training expects aligned face crops of that size, so align them first or "
-                      f"pack them once with `python tools/pack_rec.py --size {size}`", stacklevel=3)
+        log.warning("images in %s are %dx%d (first one checked) and are resized to %dx%d; training expects aligned "
+                    "face crops of that size, so align them first or pack them once with `python tools/pack_rec.py "
+                    "--size %d`", source, width, height, size, size, size)
 
 
 def check_num_classes(found: int, configured: int, what: str) -> None:
@@ -28,8 +30,8 @@ def check_num_classes(found: int, configured: int, what: str) -> None:
     if found > configured:
         raise UserError(f"{what} but dataset.num_classes={configured}: set dataset.num_classes={found}.")
     if found < configured:
-        warnings.warn(f"{what} but dataset.num_classes={configured}: the extra class centres are never trained; "
-                      f"set dataset.num_classes={found} unless this is a subset", stacklevel=3)
+        log.warning("%s but dataset.num_classes=%d: the extra class centres are never trained; set "
+                    "dataset.num_classes=%d unless this is a subset", what, configured, found)
 
 
 class EncodedImageDataset(Dataset):

@@ -24,7 +24,8 @@ class RecordDataset(EncodedImageDataset):
     def __init__(self, root: str, num_classes: int | None, *, rec: str = "train.rec", idx: str = "train.idx",
                  image_size: int = 112):
         if not os.path.isdir(root):
-            raise UserError(f"dataset.root {root} is not a folder: point it at the folder holding {rec} and {idx}.")
+            raise UserError(f"dataset.root {root} is not a folder: point it at the folder holding {rec} and {idx} "
+                            f"(a public set's preset looks in data_dir, which ARCFACE_DATA sets)")
         self.root = root
         self.num_classes = None if num_classes is None else int(num_classes)  # None: counted from the file
         self.image_size = image_size

@@ -3,6 +3,7 @@ and stopping cleanly on a signal or a diverged loss."""
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import time
 from dataclasses import dataclass
@@ -33,6 +34,11 @@ ACCUMULATIONS = ("mean", "sum")
 # trainer.compile: off, on in torch.compile's default mode, or one of its modes
 COMPILE_CHOICES = (False, True, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 _CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+# BatchNorm statistics stay each rank's own. torch 2.13 renamed DDP's switch (the old name warns on every rank); the
+# project's floor, torch 2.11, knows only the old one.
+_RANK_LOCAL_BUFFERS = ({"forward_sync_buffers": False}
+                       if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                       else {"broadcast_buffers": False})
 
 
 @dataclass(frozen=True)
@@ -136,7 +142,7 @@ class Trainer:
         self._ddp: DistributedDataParallel | None = None
         if env.world_size > 1:
             ids = [env.device.index] if env.device.type == "cuda" else None
-            self.model = self._ddp = DistributedDataParallel(backbone, device_ids=ids, broadcast_buffers=False)
+            self.model = self._ddp = DistributedDataParallel(backbone, device_ids=ids, **_RANK_LOCAL_BUFFERS)
             # Each rank's gradient is one term of the global loss's gradient (see sum_allreduce_hook): sum, not mean.
             self._ddp.register_comm_hook(None, sum_allreduce_hook)
         if options.compile:  # training steps only: verification and checkpoints use the backbone itself
@@ -223,9 +229,12 @@ class Trainer:
         if stop and self.stopped_by is None:
             self.stopped_by = self.stop_request.signal_name or "a signal on another rank"
         if first_bad >= 0:
+            afresh = "a lower optimizer.lr" + (" or trainer.precision=bf16" * (self.options.precision == "fp16"))
+            if self.last_checkpoint is None:
+                raise Diverged(f"the loss became non-finite at step {first_bad}, before any checkpoint was written: "
+                               f"start afresh with {afresh}, or with trainer.on_nonfinite=skip to drop such steps")
             raise Diverged(f"the loss became non-finite at step {first_bad}; {self.last_checkpoint_note()}: resume "
-                           f"from it with trainer.on_nonfinite=skip to drop such steps, or start afresh with a lower "
-                           f"optimizer.lr or trainer.precision=bf16")
+                           f"from it with trainer.on_nonfinite=skip to drop such steps, or start afresh with {afresh}")
 
     def last_checkpoint_note(self) -> str:
         if self.last_checkpoint is None:

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from arcface.distributed import broadcast_object, get_rank
-from arcface.errors import UserError
+from arcface.errors import UserError, unloadable
 from arcface.fileio import atomic_write, fsync_path, remove_stale_temporaries
 from arcface.heads.fc_state import (SHARDED_FORMAT, gathered_fc_state, load_fc_state, save_fc_shards,
                                     saved_shards_complete)
@@ -142,13 +142,14 @@ def read_training_state(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist: pass trainer.resume=<a checkpoint.pt written by "
-                        f"arcface-train>, or trainer.resume=null to start afresh")
+                        f"arcface-train>, trainer.resume=auto for the run dir's newest, or trainer.resume=null to "
+                        f"start afresh")
     try:
         state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as exc:
-        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-        raise UserError(f"{path} cannot be read as a checkpoint ({reason}): pass the checkpoint.pt of an "
-                        f"arcface-train run to trainer.resume") from None
+        raise UserError(f"checkpoint {path} {unloadable(path, exc)}: it was damaged in writing or copying (resume "
+                        f"from the one before, checkpoint.1.pt beside it), or is not a checkpoint.pt of "
+                        f"arcface-train") from None
     if not isinstance(state, dict) or state.get("format") not in _READABLE_FORMATS:
         raise UserError(f"{path} is not a training checkpoint of arcface-train (a model.pt holds weights only: "
                         f"start from it with backbone.weights={path} instead of trainer.resume)")

@@ -10,7 +10,7 @@ from typing import Mapping
 import torch
 import torch.nn as nn
 
-from arcface.errors import UserError
+from arcface.errors import UserError, unloadable
 
 # Training checkpoints of the reference keep the backbone under this key beside the optimizer and FC shard.
 _NESTED_KEYS = ("state_dict_backbone", "state_dict", "backbone")
@@ -43,16 +43,8 @@ def _read(path: str | Path) -> object:
             raise UserError(f"{source} asks to run {wanted.group(1)} when unpickled, which a file of weights never "
                             f"needs, so it was not loaded: use weights (a state_dict of tensors) from a source you "
                             f"trust") from None
-        size = Path(path).stat().st_size
-        what = "is empty (0 bytes)" if size == 0 else f"cannot be loaded ({size} bytes; {_gist(e)})"
-        raise UserError(f"backbone weights {source} {what}: it was damaged in writing or copying, or is not a "
-                        f"torch.save file of tensors; copy it again") from None
-
-
-def _gist(error: Exception) -> str:
-    """The exception's type and one sentence of its message: torch's messages run to paragraphs of advice."""
-    line = re.search(r"Unsupported[^\n]*", str(error)) or re.search(r"[^\n]+", str(error))
-    return f"{type(error).__name__}: {line.group(0).split('. ')[0] if line else 'no details'}"
+        raise UserError(f"backbone weights {source} {unloadable(Path(path), e)}: it was damaged in writing or "
+                        f"copying, or is not a torch.save file of tensors; copy it again") from None
 
 
 def _first(keys: list[str]) -> str:
