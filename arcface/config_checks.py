@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass
+from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -164,3 +165,27 @@ def check_added_keys(cfg: DictConfig, overrides: list[str], groups: set[str]) ->
         fix = f"did you mean {where}{close[0]}? Set it without the +" if close else "remove it"
         raise UserError(f"{override.split('=', 1)[0]} adds a key that nothing reads ({parent or 'the config'} has "
                         f"no {name}): {fix}")
+
+
+def check_group_choices(arguments: list[str], conf_dir: Path) -> None:
+    """Refuse `group=option` where conf/<group>/ has no <option>.yaml, before Hydra answers with its search path.
+
+    A sweep (`backbone=r50,vit_b`) is checked option by option; Hydra's sweep functions and globs are left to it,
+    and so is everything when the command adds config folders of its own (hydra.searchpath, --config-dir).
+    """
+    if any(argument.startswith(("hydra.searchpath", "+hydra.searchpath", "--config-dir", "-cd"))
+           for argument in arguments):
+        return
+    for argument in arguments:
+        key, assigned, value = argument.lstrip("+").partition("=")
+        folder = conf_dir / key.split("@")[0]
+        if not (assigned and key and folder.is_dir()) or any(c in value for c in "()*[]{}$"):
+            continue
+        options = {path.relative_to(folder).with_suffix("").as_posix() for path in folder.rglob("*.yaml")}
+        for option in value.split(","):
+            if option not in options and option != "null":
+                listed = sorted(name for name in options if "/" not in name)
+                close = difflib.get_close_matches(option, listed, n=1)
+                hint = f" (did you mean {key}={close[0]}?)" if close else ""
+                among = ", ".join(listed) if len(listed) <= 20 else f"the {len(listed)} listed by ls {folder}"
+                raise UserError(f"{key}={option} names no file in conf/{key}/: choose one of {among}{hint}")

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from arcface.cluster import (REQUEUE_SIGNAL, register_resolvers, requeue, submitit_requeue_handler,
                              warn_if_not_submitted)
 from arcface.compat import check_compat
-from arcface.config_checks import check_added_keys, check_config
+from arcface.config_checks import check_added_keys, check_config, check_group_choices
 from arcface.data.loader import build_loader
 from arcface.distributed import DistEnv, broadcast_object, get_rank, init_distributed, shutdown_distributed
 from arcface.engine.training_state import CHECKPOINT_NAME, newest_readable
@@ -244,7 +244,7 @@ register_resolvers()  # before Hydra composes: conf/train.yaml uses them
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
-def main(cfg: DictConfig) -> None:
+def _main(cfg: DictConfig) -> None:
     with StopRequest() as stop_request:
         try:
             stopped_by = train(cfg, stop_request)
@@ -258,6 +258,17 @@ def main(cfg: DictConfig) -> None:
             shutdown_distributed()
     if stopped_by is not None:
         sys.exit(EXIT_STOPPED)
+
+
+def main() -> None:
+    """`arcface-train`: an option of a config group that names no file stops with one sentence; Hydra does the
+    rest."""
+    try:
+        check_group_choices(sys.argv[1:], Path(CONF_DIR))
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    _main()
 
 
 if __name__ == "__main__":

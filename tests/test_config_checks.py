@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from arcface.config_checks import check_added_keys, check_config
+from arcface.config_checks import check_added_keys, check_config, check_group_choices
 from arcface.errors import UserError
-from conftest import TINY, compose_config, error_line, train_here
+from conftest import CONF, TINY, compose_config, error_line, train_here
 
 
 @pytest.mark.parametrize("override,key", [
@@ -102,3 +102,28 @@ def test_keys_that_a_constructor_or_a_free_form_node_reads_may_be_added(override
 def test_the_entrypoint_refuses_an_added_key_that_nothing_reads(tmp_path):
     proc = train_here([*TINY, "tracking=none", "+trainer.batchsize=32"], tmp_path)
     assert error_line(proc).startswith("error: +trainer.batchsize adds a key that nothing reads")
+
+
+@pytest.mark.parametrize("arguments,message", [
+    (["backbone=r51"], r"^backbone=r51 names no file in conf/backbone/: choose one of mbf, mbf_large, r100, .*vit_t"),
+    (["-m", "backbone=r50,vit_bb"], r"^backbone=vit_bb names no file in conf/backbone/: .* \(did you mean "
+                                    r"backbone=vit_b\?\)$"),
+    (["+dataset/val=insightfce"], r"^dataset/val=insightfce names no file in conf/dataset/val/: choose one of "
+                                  r"insightface, none, synthetic_holdout \(did you mean dataset/val=insightface\?\)$"),
+    (["experiment=ms1mv3_r5O"], r"^experiment=ms1mv3_r5O names no file in conf/experiment/: choose one of the \d+ "
+                                r"listed by ls .*conf/experiment \(did you mean experiment=ms1mv3_r50\?\)$"),
+])
+def test_a_group_option_that_names_no_file_is_one_sentence(arguments, message):
+    with pytest.raises(UserError, match=message):
+        check_group_choices(arguments, CONF)
+
+
+def test_group_options_hydra_resolves_itself_pass():
+    check_group_choices(["-m", "backbone=r50,vit_b", "~experiment", "+experiment=demo_small", "margin.m2=0.4",
+                         "hydra/launcher=submitit_local", "backbone=glob(vit_*)", "dataset/val=null",
+                         "hydra.run.dir=outputs/x"], CONF)
+    check_group_choices(["hydra.searchpath=[file:///lab/conf]", "backbone=lab_net"], CONF)  # a folder of the lab's
+
+
+def test_the_entrypoint_refuses_a_group_option_that_names_no_file(tmp_path):
+    assert error_line(train_here(["backbone=r51"], tmp_path)).startswith("error: backbone=r51 names no file")
