@@ -16,9 +16,10 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 
 from omegaconf import DictConfig, OmegaConf
+
+from arcface.errors import exit_with_error
 
 log = logging.getLogger(__name__)
 
@@ -72,15 +73,15 @@ def check_sweep(config: DictConfig) -> None:
     for override in OverridesParser.create().parse_overrides(list(config.hydra.overrides.task)):
         key = override.get_key_element()
         if override.is_sweep_override() and key.startswith(("cluster.", "hydra.launcher.")):
-            _stop(f"{override.input_line} sweeps a launcher setting, but one sweep has one launcher and every job "
-                  f"would get the same {key}: run one sweep per value")
+            exit_with_error(f"{override.input_line} sweeps a launcher setting, but one sweep has one launcher and "
+                            f"every job would get the same {key}: run one sweep per value")
     target = OmegaConf.select(config, "hydra.launcher._target_", default="") or ""
     if target.endswith("SlurmLauncher"):
         unreachable = _slurm_unreachable()
         if unreachable:
-            _stop(f"cluster=slurm (hydra/launcher=submitit_slurm) needs a SLURM controller, and {unreachable}: run on "
-                  f"a SLURM login node, bring a local cluster up with launchers/slurm_local_up.sh, or sweep on this "
-                  f"machine with hydra/launcher=submitit_local")
+            exit_with_error(f"cluster=slurm (hydra/launcher=submitit_slurm) needs a SLURM controller, and "
+                            f"{unreachable}: run on a SLURM login node, bring a local cluster up with "
+                            f"launchers/slurm_local_up.sh, or sweep on this machine with hydra/launcher=submitit_local")
 
 
 def _slurm_unreachable() -> str | None:
@@ -97,11 +98,6 @@ def _slurm_unreachable() -> str | None:
         return None
     said = (ping.stderr.strip() or ping.stdout.strip()).splitlines()
     return f"scontrol ping says: {said[-1] if said else f'exit status {ping.returncode}'}"
-
-
-def _stop(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
 
 
 def submitit_requeue_handler(previous_handler):

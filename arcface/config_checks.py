@@ -75,7 +75,7 @@ RULES: dict[str, Range] = {
     "optimizer.weight_decay": Range(0),
     "optimizer.momentum": DECAY,
     "optimizer.eps": POSITIVE,
-    "scheduler.power": POSITIVE,  # a negative power would raise the LR as training goes on
+    "scheduler.power": Range(0),  # 0: constant after warmup; a negative power would raise the LR as training goes on
     "backbone.dropout": DECAY,
     "backbone.drop_path": DECAY,
     "backbone.mask_ratio": DECAY,
@@ -142,10 +142,10 @@ def check_config(cfg: DictConfig) -> None:
 def check_added_keys(cfg: DictConfig, overrides: list[str], groups: set[str]) -> None:
     """Refuse a `+key=value` override that adds a key nothing reads.
 
-    Hydra's own advice for a misspelled key is to add it with `+`, which it then accepts silently: `+trainer.batchsize=32`
-    would train at the default batch size. Added keys are read only as arguments of a built object (a node with a
-    `_target_`, whose constructor refuses names it does not take) and in free-form nodes (FREE_FORM); `groups` are the
-    config groups (`+experiment=...` picks one).
+    Hydra's own advice for a misspelled key is to add it with `+`, which it then accepts silently:
+    `+trainer.batchsize=32` would train at the default batch size. Added keys are read only as arguments of a built
+    object (a node with a `_target_`, whose constructor refuses names it does not take) and in free-form nodes
+    (FREE_FORM); `groups` are the config groups (`+experiment=...` picks one).
     """
     for override in overrides:
         if not override.startswith("+") or override.startswith("++"):
@@ -170,22 +170,39 @@ def check_added_keys(cfg: DictConfig, overrides: list[str], groups: set[str]) ->
 def check_group_choices(arguments: list[str], conf_dir: Path) -> None:
     """Refuse `group=option` where conf/<group>/ has no <option>.yaml, before Hydra answers with its search path.
 
-    A sweep (`backbone=r50,vit_b`) is checked option by option; Hydra's sweep functions and globs are left to it,
-    and so is everything when the command adds config folders of its own (hydra.searchpath, --config-dir).
+    The command line is read with Hydra's own parsers. A sweep (`backbone=r50,vit_b`) is checked option by option;
+    Hydra's sweep functions and globs are left to it, and so is everything when the command brings config folders
+    of its own (--config-path, --config-dir, hydra.searchpath).
     """
-    if any(argument.startswith(("hydra.searchpath", "+hydra.searchpath", "--config-dir", "-cd"))
-           for argument in arguments):
+    from hydra._internal.utils import get_args_parser
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import ValueType
+    from hydra.errors import OverrideParseException
+
+    flags, rest = get_args_parser().parse_known_args(arguments)
+    lines = [*flags.overrides, *(argument for argument in rest if not argument.startswith("-"))]
+    if flags.config_path or flags.config_dir or any("hydra.searchpath" in line for line in lines):
         return
-    for argument in arguments:
-        key, assigned, value = argument.lstrip("+").partition("=")
-        folder = conf_dir / key.split("@")[0]
-        if not (assigned and key and folder.is_dir()) or any(c in value for c in "()*[]{}$"):
+    try:
+        overrides = OverridesParser.create().parse_overrides(lines)
+    except OverrideParseException:
+        return  # Hydra reports it
+    for override in overrides:
+        folder = conf_dir / override.key_or_group
+        if override.is_delete() or not folder.is_dir():
+            continue
+        if override.value_type == ValueType.ELEMENT:
+            chosen = [override.value()]
+        elif override.value_type in (ValueType.CHOICE_SWEEP, ValueType.SIMPLE_CHOICE_SWEEP):
+            chosen = list(override.sweep_string_iterator())
+        else:
             continue
         options = {path.relative_to(folder).with_suffix("").as_posix() for path in folder.rglob("*.yaml")}
-        for option in value.split(","):
-            if option not in options and option != "null":
+        for option in chosen:
+            if option not in (None, "null") and str(option) not in options:
+                key = override.key_or_group
                 listed = sorted(name for name in options if "/" not in name)
-                close = difflib.get_close_matches(option, listed, n=1)
+                close = difflib.get_close_matches(str(option), listed, n=1)
                 hint = f" (did you mean {key}={close[0]}?)" if close else ""
                 among = ", ".join(listed) if len(listed) <= 20 else f"the {len(listed)} listed by ls {folder}"
                 raise UserError(f"{key}={option} names no file in conf/{key}/: choose one of {among}{hint}")

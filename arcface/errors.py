@@ -6,12 +6,20 @@ and exits with status 2 instead of showing a traceback.
 from __future__ import annotations
 
 import re
+import sys
 import zipfile
 from pathlib import Path
+from typing import NoReturn
 
 
 class UserError(Exception):
     """Bad input that the user can fix; the message says how."""
+
+
+def exit_with_error(message: UserError | str) -> NoReturn:
+    """End the command as bad input ends it: one `error: ` line on stderr, exit status 2."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 def first_line(error: BaseException, limit: int = 240) -> str:

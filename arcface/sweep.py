@@ -1,4 +1,5 @@
-"""Sweeps in MLflow: one parent run per multirun, and the tags that place each job's run under it.
+"""Sweeps in MLflow: one parent run per multirun, and the tags that place each job's run under it; and a guard on
+a single run's directory.
 
 `SweepRuns` is a Hydra callback (conf/train.yaml, hydra.callbacks). In the process that launches a multirun it opens
 the parent run; Hydra hands the same callback object to every job (in the same process for the basic launcher,
@@ -19,11 +20,24 @@ from omegaconf import DictConfig, OmegaConf
 
 from arcface.cluster import check_sweep
 from arcface.engine.tracking import experiment_id_of
+from arcface.engine.training_state import refuse_fresh_start_over
+from arcface.errors import UserError, exit_with_error
 
 log = logging.getLogger(__name__)
 
 PARENT_RUN_ENV = "ARCFACE_MLFLOW_PARENT_RUN"
 _MLFLOW_TRACKER = "arcface.engine.tracking.MLflowTracker"
+
+
+class FreshStartGuard(Callback):
+    """Refuses a run that would start afresh over an earlier run's checkpoint before Hydra writes anything into the
+    run dir (its .hydra/ record and train.log); jobs of a multirun are checked as they start training."""
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        try:
+            refuse_fresh_start_over(Path(str(config.hydra.run.dir)).absolute(), config.trainer.resume)
+        except UserError as error:
+            exit_with_error(error)
 
 
 class SweepRuns(Callback):

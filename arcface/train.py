@@ -26,12 +26,12 @@ from arcface.compat import check_compat
 from arcface.config_checks import check_added_keys, check_config, check_group_choices
 from arcface.data.loader import build_loader
 from arcface.distributed import DistEnv, broadcast_object, get_rank, init_distributed, shutdown_distributed
-from arcface.engine.training_state import CHECKPOINT_NAME, newest_readable
+from arcface.engine.training_state import CHECKPOINT_NAME, newest_readable, refuse_fresh_start_over
 from arcface.engine.optim import build_optimizer
 from arcface.engine.stopping import EXIT_STOPPED, StopRequest
 from arcface.engine.tracking import NullTracker, settings
 from arcface.engine.trainer import Trainer, TrainerOptions
-from arcface.errors import UserError
+from arcface.errors import UserError, exit_with_error
 from arcface.evaluation.selection import selected_pair_sets
 from arcface.fileio import remove_stale_temporaries
 from arcface.sweep import job_tags
@@ -73,10 +73,7 @@ def _resume_path(resume: str | None, run_dir: Path) -> Path | None:
     Rank 0 decides for everyone (a rank that saw a different answer would run mismatched collectives) and says
     what it decided.
     """
-    if resume is None and (run_dir / CHECKPOINT_NAME).exists():
-        # Starting afresh here would rotate that run's checkpoints out, one per save.
-        raise UserError(f"{run_dir / CHECKPOINT_NAME} holds an earlier run's state: continue it with "
-                        f"trainer.resume=auto, or start afresh in another directory (hydra.run.dir=...)")
+    refuse_fresh_start_over(run_dir, resume)
     if resume == "auto" and get_rank() == 0:
         found, skipped = newest_readable(run_dir)
         for reason in skipped:
@@ -252,8 +249,7 @@ def _main(cfg: DictConfig) -> None:
             error = _user_error(exc)
             if error is None:
                 raise
-            print(f"error: {error}", file=sys.stderr)
-            sys.exit(2)
+            exit_with_error(error)
         finally:
             shutdown_distributed()
     if stopped_by is not None:
@@ -266,8 +262,7 @@ def main() -> None:
     try:
         check_group_choices(sys.argv[1:], Path(CONF_DIR))
     except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        exit_with_error(error)
     _main()
 
 

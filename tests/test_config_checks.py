@@ -53,6 +53,7 @@ def test_bad_values_name_the_key(override, key):
 
 @pytest.mark.parametrize("overrides", [[], ["trainer.grad_clip=null"], ["margin=sphereface"], ["margin=adaface"],
                                        ["optimizer=adamw"], ["optimizer=adamw", "+optimizer.betas=[0.9,0.99]"],
+                                       ["scheduler.power=0"],
                                        ["experiment=ms1mv3_r50"], ["pfc.rate=0"],
                                        ["dataset=folder"], ["dataset=rec", "dataset.loader=device_decode"]])
 def test_shipped_settings_pass(overrides):
@@ -81,8 +82,8 @@ GROUPS = {"backbone", "dataset", "dataset/val", "experiment", "optimizer"}
 
 
 @pytest.mark.parametrize("override,message", [
-    ("+trainer.batchsize=32", r"^\+trainer.batchsize adds a key that nothing reads \(trainer has no batchsize\): did you "
-                              r"mean trainer.batch_size\? Set it without the \+$"),
+    ("+trainer.batchsize=32", r"^\+trainer.batchsize adds a key that nothing reads \(trainer has no batchsize\): "
+                              r"did you mean trainer.batch_size\? Set it without the \+$"),
     ("+dataset.root=/data/faces", r"^\+dataset.root adds a key that nothing reads \(dataset has no root\): remove it$"),
     ("+seed=1", r"^\+seed adds a key that nothing reads \(the config has no seed\): remove it$"),
 ])
@@ -93,7 +94,7 @@ def test_an_added_key_that_nothing_reads_is_refused(override, message):
 
 
 @pytest.mark.parametrize("overrides", [["+backbone.widths=[16,32,64,128]"], ["+cluster.sbatch.mail-type=END"],
-                                       ["optimizer=adamw", "+optimizer.betas=[0.9,0.99]"],
+                                       ["optimizer=adamw", "+optimizer.betas=[0.9,0.99]"], ["scheduler.power=0"],
                                        ["++trainer.batch_size=64"], ["~experiment", "+experiment=demo_small"]])
 def test_keys_that_a_constructor_or_a_free_form_node_reads_may_be_added(overrides):
     check_added_keys(compose_config(overrides), overrides, GROUPS)
@@ -108,7 +109,7 @@ def test_the_entrypoint_refuses_an_added_key_that_nothing_reads(tmp_path):
     (["backbone=r51"], r"^backbone=r51 names no file in conf/backbone/: choose one of mbf, mbf_large, r100, .*vit_t"),
     (["-m", "backbone=r50,vit_bb"], r"^backbone=vit_bb names no file in conf/backbone/: .* \(did you mean "
                                     r"backbone=vit_b\?\)$"),
-    (["+dataset/val=insightfce"], r"^dataset/val=insightfce names no file in conf/dataset/val/: choose one of "
+    (["-m", "+dataset/val=insightfce"], r"^dataset/val=insightfce names no file in conf/dataset/val/: choose one of "
                                   r"insightface, none, synthetic_holdout \(did you mean dataset/val=insightface\?\)$"),
     (["experiment=ms1mv3_r5O"], r"^experiment=ms1mv3_r5O names no file in conf/experiment/: choose one of the \d+ "
                                 r"listed by ls .*conf/experiment \(did you mean experiment=ms1mv3_r50\?\)$"),
@@ -123,6 +124,8 @@ def test_group_options_hydra_resolves_itself_pass():
                          "hydra/launcher=submitit_local", "backbone=glob(vit_*)", "dataset/val=null",
                          "hydra.run.dir=outputs/x"], CONF)
     check_group_choices(["hydra.searchpath=[file:///lab/conf]", "backbone=lab_net"], CONF)  # a folder of the lab's
+    check_group_choices(["--config-path", "/lab/conf", "backbone=lab_net"], CONF)
+    check_group_choices(["-m", "backbone=r50, r18", 'margin="cosface"', "+dataset/val=insightface"], CONF)
 
 
 def test_the_entrypoint_refuses_a_group_option_that_names_no_file(tmp_path):

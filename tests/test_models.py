@@ -197,15 +197,23 @@ def forward_counting_saved(model, x) -> tuple[torch.Tensor, int]:
         return model(x), saved
 
 
-@pytest.mark.parametrize("build", [*SMALL, partial(small_vit, mask_ratio=0.0), partial(create_backbone, "test_convnext"),
+@pytest.mark.parametrize("build", [*SMALL, partial(small_vit, mask_ratio=0.0),
+                                   partial(create_backbone, "test_convnext"),
                                    partial(create_backbone, "test_convnext", pool="avg")],
                          ids=[*SMALL_IDS, "vit-unmasked", "timm-flatten", "timm-avg"])
-def test_every_trainable_parameter_gets_a_gradient(build):
-    """DDP stops at its second step over a trainable parameter that got no gradient: the ViT's mask token without
-    masking, timm's pooling head under pool=flatten."""
+def test_the_parameters_without_a_gradient_are_declared(build):
+    """DDP stops at its second step over a parameter that got no gradient unless it is told to ignore it: the ViT's
+    mask token without masking, timm's pooling head under pool=flatten."""
     model = build(embedding_size=32).train()
     model(images()).sum().backward()
-    assert [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
+    without = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert without == model.unused_parameters()
+
+
+def test_building_under_no_grad_declares_the_same_parameters():
+    with torch.no_grad():
+        built = create_backbone("test_convnext")
+    assert built.unused_parameters() == create_backbone("test_convnext").unused_parameters() != []
 
 
 @pytest.mark.parametrize("build", SMALL, ids=SMALL_IDS)

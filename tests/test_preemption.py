@@ -132,12 +132,13 @@ def test_starting_afresh_over_an_earlier_runs_checkpoint_is_refused(tmp_path):
     """A second run in the same directory without trainer.resume would rotate the first one's checkpoints out."""
     args = [*TINY, "tracking=none", "trainer.max_steps=1", "trainer.verify_at_end=false"]
     assert train_here(args, tmp_path).returncode == 0
-    saved = (tmp_path / "run" / "checkpoint.pt").read_bytes()
-    assert error_line(train_here(args, tmp_path)) == (
-        f"error: {tmp_path / 'run' / 'checkpoint.pt'} holds an earlier run's state: continue it with "
+    run = tmp_path / "run"
+    before = {path: path.read_bytes() for path in run.rglob("*") if path.is_file()}
+    assert error_line(train_here([*args, "optimizer.lr=0.5"], tmp_path)) == (
+        f"error: {run / 'checkpoint.pt'} holds an earlier run's state: continue it with "
         f"trainer.resume=auto, or start afresh in another directory (hydra.run.dir=...)")
-    assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == saved
-    assert not (tmp_path / "run" / "checkpoint.1.pt").exists()
+    # Refused before Hydra writes the run's record (.hydra/, train.log): nothing in the directory changed.
+    assert {path: path.read_bytes() for path in run.rglob("*") if path.is_file()} == before
 
 
 def test_resume_auto_without_a_checkpoint_says_so(tmp_path):

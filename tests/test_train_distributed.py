@@ -12,12 +12,15 @@ from arcface.models import create_backbone
 from conftest import REPO, TINY, train_here
 
 
-def test_two_ranks_train_then_resume_on_one(tmp_path):
-    # torchrun --standalone picks its own free port.
+def _on_two_ranks(args: list[str], workdir: Path) -> subprocess.CompletedProcess:
+    """The entrypoint through launchers/torchrun.sh on two gloo ranks (torchrun --standalone picks a free port)."""
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
-    cmd = [str(REPO / "launchers" / "torchrun.sh"), "2", *TINY, "tracking=none", "trainer.verify_at_end=false",
-           f"hydra.run.dir={tmp_path / 'run'}"]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    cmd = [str(REPO / "launchers" / "torchrun.sh"), "2", *args, f"hydra.run.dir={workdir / 'run'}"]
+    return subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_two_ranks_train_then_resume_on_one(tmp_path):
+    proc = _on_two_ranks([*TINY, "tracking=none", "trainer.verify_at_end=false"], tmp_path)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-3000:]
     assert "on 2 cpu process(es)" in log and "step 3/3" in log
@@ -33,3 +36,11 @@ def test_two_ranks_train_then_resume_on_one(tmp_path):
     log = again.stdout + again.stderr
     assert again.returncode == 0, log[-3000:]
     assert "at step 3/5" in log and "step 5/5" in log
+
+
+def test_two_ranks_train_a_backbone_with_a_parameter_training_never_uses(tmp_path):
+    """demo_vit masks no tokens, so the ViT's mask token gets no gradient: DDP ignores it instead of stopping at the
+    second step."""
+    proc = _on_two_ranks(["experiment=demo_vit", *TINY, "tracking=none", "trainer.verify_at_end=false"], tmp_path)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "step 3/3" in log, log[-3000:]

@@ -142,7 +142,11 @@ class Trainer:
         self._ddp: DistributedDataParallel | None = None
         if env.world_size > 1:
             ids = [env.device.index] if env.device.type == "cuda" else None
-            self.model = self._ddp = DistributedDataParallel(backbone, device_ids=ids, **_RANK_LOCAL_BUFFERS)
+            # Without being told, DDP stops at the second step over parameters that training never gives a gradient;
+            # finding them costs a walk over the autograd graph each step, so only backbones that have them pay it.
+            unused = bool(getattr(backbone, "unused_parameters", list)())
+            self.model = self._ddp = DistributedDataParallel(backbone, device_ids=ids, find_unused_parameters=unused,
+                                                             **_RANK_LOCAL_BUFFERS)
             # Each rank's gradient is one term of the global loss's gradient (see sum_allreduce_hook): sum, not mean.
             self._ddp.register_comm_hook(None, sum_allreduce_hook)
         if options.compile:  # training steps only: verification and checkpoints use the backbone itself

@@ -136,6 +136,14 @@ def _remove_unnamed_shards(run_dir: Path) -> None:
             shutil.rmtree(folder)
 
 
+def refuse_fresh_start_over(run_dir: Path, resume: str | None) -> None:
+    """A run that starts afresh (trainer.resume=null) where an earlier run left its state would rotate that state
+    out with its own saves."""
+    if resume is None and (run_dir / CHECKPOINT_NAME).exists():
+        raise UserError(f"{run_dir / CHECKPOINT_NAME} holds an earlier run's state: continue it with "
+                        f"trainer.resume=auto, or start afresh in another directory (hydra.run.dir=...)")
+
+
 def read_training_state(path: str | Path) -> dict:
     """The dict in a training checkpoint, read without running code from it; UserError naming the file if it is
     missing, unreadable, or not a training checkpoint."""

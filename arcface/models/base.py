@@ -78,6 +78,11 @@ class Backbone(nn.Module):
         if self.channels_last:
             self.to(memory_format=torch.channels_last)
 
+    def unused_parameters(self) -> list[str]:
+        """Names of the parameters that training never uses, and so never gives a gradient (DDP must be told to look
+        for them). They stay trainable parameters, for the state_dict's keys and the optimizer state's layout."""
+        return []
+
     def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 

@@ -65,7 +65,8 @@ class TimmBackbone(Backbone):
         self.pool = pool
         self.dropout = nn.Dropout(dropout)
         # Measured before checkpointing is on, whose recomputation would hide the parameters from the graph.
-        self.fc = nn.Linear(self._width(img_size), embedding_size, bias=False)
+        width, self._unused = self._probe(img_size)
+        self.fc = nn.Linear(width, embedding_size, bias=False)
         if checkpointing:
             try:
                 self.trunk.set_grad_checkpointing(True)
@@ -75,23 +76,26 @@ class TimmBackbone(Backbone):
         self.features = nn.BatchNorm1d(embedding_size, eps=2e-5)
         self.finish_init()
 
-    def _width(self, img_size: int) -> int:
+    def _probe(self, img_size: int) -> tuple[int, list[str]]:
+        """The embedding layer's input width, and the trunk's parameters that the embedding does not use."""
         if self.pool == "avg":
             # Models with a pre-logits layer (MobileNetV3, MambaOut, ...) return head_hidden_size features, not
             # num_features, once their classifier is removed.
-            return getattr(self.trunk, "head_hidden_size", None) or self.trunk.num_features
+            return getattr(self.trunk, "head_hidden_size", None) or self.trunk.num_features, []
         # The map's size depends on the model's strides: one forward of an empty face measures it (on the meta
         # device when the model is built there, at no cost).
         device = next(self.trunk.parameters()).device
         was_training = self.trunk.training
-        features = self.trunk.eval().forward_features(torch.zeros(1, 3, img_size, img_size, device=device))
+        with torch.enable_grad():  # the graph shows which parameters the features come from
+            features = self.trunk.eval().forward_features(torch.zeros(1, 3, img_size, img_size, device=device))
         self.trunk.train(was_training)
-        # timm's pooling head (ConvNeXt's head.norm, ...) lies past the features, so it never gets a gradient:
-        # frozen, since DDP stops at its second step over a trainable parameter without one.
+        # timm's pooling head (ConvNeXt's head.norm, ...) lies past the features.
         reached = _parameters_reached(features)
-        for parameter in self.trunk.parameters():
-            parameter.requires_grad_(id(parameter) in reached)
-        return features[0].numel()
+        unused = [f"trunk.{name}" for name, parameter in self.trunk.named_parameters() if id(parameter) not in reached]
+        return features[0].numel(), unused
+
+    def unused_parameters(self) -> list[str]:
+        return self._unused
 
     def _trunk(self, x: torch.Tensor) -> torch.Tensor:
         return self.trunk.forward_features(x).flatten(1) if self.pool == "flatten" else self.trunk(x)

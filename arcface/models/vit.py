@@ -120,9 +120,7 @@ class VisionTransformer(Backbone):
             nn.Linear(embed_dim, embedding_size, bias=False),
             nn.BatchNorm1d(embedding_size, eps=2e-5),
         )
-        # Kept without masking for the reference's state_dict keys, but frozen: DDP stops at its second step over a
-        # trainable parameter that got no gradient.
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim), requires_grad=mask_ratio > 0)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         nn.init.normal_(self.mask_token, std=0.02)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         for m in self.modules():
@@ -131,6 +129,9 @@ class VisionTransformer(Backbone):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
         self.finish_init()
+
+    def unused_parameters(self) -> list[str]:
+        return [] if self.mask_ratio > 0 else ["mask_token"]
 
     def _drop_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keep a random (1 - mask_ratio) share of each sample's tokens; `order` remembers where they came from."""
