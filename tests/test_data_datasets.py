@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import re
@@ -96,12 +97,21 @@ def test_decoders_agree(tmp_path):
     jpeg = encode_jpeg(rgb, quality=95)
     out = np.empty_like(rgb)
     decode_into(jpeg, out)
-    with Image.open(__import__("io").BytesIO(jpeg)) as pil:
+    with Image.open(io.BytesIO(jpeg)) as pil:
         reference = np.asarray(pil.convert("RGB"))
     assert np.array_equal(out, decode_rgb(jpeg))
     assert np.abs(out.astype(int) - reference).mean() < 1.0  # both are libjpeg-turbo, up to upsampling details
     with pytest.raises(ValueError, match="not a decodable image"):
         decode_rgb(b"\xff\xd8\xff\x00garbage")
+
+
+def test_sixteen_bit_grayscale_is_scaled_to_eight_bits():
+    """PIL's convert("RGB") clips 16-bit values to 255: a 16-bit grayscale face would arrive white."""
+    gray = np.arange(256, dtype=np.uint16).reshape(16, 16)
+    buffer = io.BytesIO()
+    Image.fromarray(gray * 257).save(buffer, format="PNG")
+    assert Image.open(io.BytesIO(buffer.getvalue())).mode == "I;16"
+    assert (decode_rgb(buffer.getvalue()) == np.repeat(gray[..., None], 3, axis=2)).all()
 
 
 def test_image_folder_dataset(tmp_path):

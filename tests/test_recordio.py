@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from arcface.data.recordio import (MAGIC, IRHeader, RecordIndex, RecordReader, RecordWriter, encode_record, pack,
-                                   read_layout, unpack)
+from arcface.data.recordio import (MAGIC, IRHeader, RecordIndex, RecordReader, RecordWriter, _exact_bounds,
+                                   encode_record, pack, read_layout, unpack)
 from arcface.errors import UserError
 from conftest import FIXTURES, copy_rec
 
@@ -52,6 +52,20 @@ def test_insightface_header_layout():
     for label, expected in enumerate(manifest["identity_ranges"]):
         identity = reader.read_header(first_identity + label)
         assert [int(x) for x in identity.label] == expected
+
+
+@pytest.mark.parametrize("images,identities", [(16_000_000, 1_000_000), (1 << 24, 10), (30_000_000, 2_000_000),
+                                               (1000, 10)])
+def test_header_bounds_rounded_by_float32_are_found_exactly(images, identities):
+    """The header holds end = images + 1 and stop = end + identities as float32: past 2**24 they read back rounded
+    (16,000,000 images of 1,000,000 identities read as 999,999 identities; 2**24 images as 2**24 - 1)."""
+    end, stop = images + 1, images + 1 + identities
+    read = (int(np.float32(end)), int(np.float32(stop)))
+    assert _exact_bounds(*read, is_identity=lambda key: key >= end, last_key=stop - 1) == (end, stop)
+
+
+def test_header_bounds_without_an_identity_record_near_the_end_are_refused():
+    assert _exact_bounds(1 << 25, (1 << 25) + 8, is_identity=lambda key: False, last_key=(1 << 25) + 7) is None
 
 
 def test_plain_layout_keys_and_array_label():

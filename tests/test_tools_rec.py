@@ -41,6 +41,12 @@ def run(tool: str, *args) -> SimpleNamespace:
     return SimpleNamespace(returncode=code, stdout=stdout.getvalue(), stderr=stderr.getvalue())
 
 
+def _error_line(result: SimpleNamespace) -> str:
+    """The tool's one `error: ` line (the progress bar shares stderr)."""
+    [line] = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    return line
+
+
 @pytest.fixture(scope="module")
 def faces(tmp_path_factory) -> Path:
     """4 identities, 2-4 images each; one PNG, one 150x150 JPEG (resized when packed) and one broken file."""
@@ -107,6 +113,38 @@ def test_pack_refuses_ungrouped_list_unless_plain(faces, tmp_path):
     result = run("pack_rec", tmp_path / "train.lst", tmp_path / "out", "--workers", 1, "--plain")
     assert result.returncode == 0, result.stderr
     assert not read_layout(RecordReader(tmp_path / "out/train.rec", tmp_path / "out/train.idx")).insightface
+
+
+def test_pack_skips_a_damaged_jpeg_of_the_right_size_and_keeps_empty_identities(tmp_path):
+    """A JPEG of the training size is copied byte for byte, but only once it decodes; identity folders without a
+    packable image stay classes, as dataset=folder counts them."""
+    rng = np.random.default_rng(0)
+    for name, count in [("a", 2), ("b", 1), ("c", 0)]:
+        (tmp_path / "faces" / name).mkdir(parents=True)
+        for i in range(count):
+            Image.fromarray(rng.integers(0, 255, (112, 112, 3), dtype=np.uint8)).save(tmp_path / f"faces/{name}/{i}.jpg")
+    whole = (tmp_path / "faces/b/0.jpg").read_bytes()
+    (tmp_path / "faces/b/0.jpg").write_bytes(whole[:len(whole) // 2])  # its header still says 112x112
+    result = run("pack_rec", tmp_path / "faces", tmp_path / "out", "--workers", 1)
+    assert result.returncode == 0 and "packed 2 images" in result.stdout and "b/0.jpg" in result.stderr, result.stderr
+    layout = read_layout(RecordReader(tmp_path / "out/train.rec", tmp_path / "out/train.idx"))
+    assert len(layout.image_keys) == 2 and layout.num_identities == 3
+
+
+@pytest.mark.parametrize("label", ["-1", "inf", "0.7", "nan", "x"])
+def test_pack_refuses_a_list_label_that_is_no_class_number(faces, tmp_path, label):
+    (tmp_path / "train.lst").write_text(f"{faces}/person0/0.jpg\t{label}\n")
+    result = run("pack_rec", tmp_path / "train.lst", tmp_path / "out", "--workers", 1)
+    assert result.returncode == 2 and _error_line(result) == (
+        f"error: {tmp_path / 'train.lst'} line 1 has label {label!r}, not a class number (0, 1, 2, ...): fix it.")
+
+
+def test_pack_names_why_no_image_could_be_packed(tmp_path):
+    (tmp_path / "train.lst").write_text("missing/0.jpg\t0\n")
+    result = run("pack_rec", tmp_path / "train.lst", tmp_path / "out", "--workers", 1)
+    assert result.returncode == 2 and _error_line(result).startswith(
+        f"error: none of the 1 images of {tmp_path / 'train.lst'} could be packed (the first: "
+        f"{tmp_path / 'missing/0.jpg'}: [Errno 2] No such file"), result.stderr
 
 
 def test_inspect_reports_counts(packed):

@@ -11,7 +11,8 @@ XNorm. IJB: images aligned by their five landmarks, f(x) + f(flip x) (times the 
 
 Writes a table to stdout and, in --output (default: an `eval` folder beside the weights), results.json and for
 IJB the scores in pair-file order (<target>_scores.npy) and the ROC plot (<target>_roc.png). --run-id adds the
-metrics (eval/<set>/...) and those files to that MLflow run.
+metrics (eval/<set>/...), results.json and the plots to that MLflow run (the score file, tens of MB for IJB-C,
+stays on disk).
 """
 from __future__ import annotations
 

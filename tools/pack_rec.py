@@ -18,8 +18,8 @@ from typing import Iterator
 
 from tqdm import tqdm
 
-from arcface.data.decode import decode_rgb, encode_jpeg, fit, image_size
-from arcface.data.folder import scan_folders
+from arcface.data.decode import decode_rgb, encode_jpeg, fit
+from arcface.data.folder import identity_folders, scan_folders
 from arcface.data.recordio import InsightFaceWriter, PlainWriter, replaced_on_success
 from arcface.errors import UserError
 
@@ -42,10 +42,13 @@ def list_items(list_file: str) -> Iterator[tuple[int, str]]:
                                 f"fix that line.")
             path, label = (fields[-1], fields[1]) if len(fields) >= 3 else (fields[0], fields[1])
             try:
-                number_label = int(float(label))
+                value = float(label)
             except ValueError:
-                raise UserError(f"{list_file} line {number} has label {label!r}, not a number: fix it.") from None
-            yield number_label, os.path.join(base, path)
+                value = -1.0
+            if not (value.is_integer() and value >= 0):
+                raise UserError(f"{list_file} line {number} has label {label!r}, not a class number (0, 1, 2, ...): "
+                                f"fix it.")
+            yield int(value), os.path.join(base, path)
 
 
 def count_items(src: str) -> int | None:
@@ -62,9 +65,10 @@ def prepare(task: tuple[str, int, int, bool]) -> bytes | str:
     try:
         with open(path, "rb") as f:
             data = f.read()
-        if not reencode and data[:3] == b"\xff\xd8\xff" and image_size(data) == (size, size):
+        image = decode_rgb(data)  # also when copied: a damaged JPEG is skipped here, not met hours into training
+        if not reencode and data[:3] == b"\xff\xd8\xff" and image.shape[:2] == (size, size):
             return data
-        return encode_jpeg(fit(decode_rgb(data), size, size), quality)
+        return encode_jpeg(fit(image, size, size), quality)
     except (OSError, ValueError) as e:
         return f"{path}: {e}"
 
@@ -86,6 +90,8 @@ def pack(src: str, out_dir: str, *, size: int, quality: int, workers: int, reenc
             for label, data in zip(labels, result.get()):
                 if isinstance(data, str):
                     errors.append(data)
+                    if not plain:  # the identity keeps its class even if none of its images could be packed
+                        writer.reserve(label)
                     continue
                 try:
                     writer.add(label, data)
@@ -102,9 +108,14 @@ def pack(src: str, out_dir: str, *, size: int, quality: int, workers: int, reenc
                 drain(*pending.popleft())
         while pending:
             drain(*pending.popleft())
+        if errors and not written:
+            raise UserError(f"none of the {len(errors)} images of {src} could be packed (the first: {errors[0]}): "
+                            f"fix the paths or the files.")
         if not written:
             raise UserError(f"{src} gave no images to pack: lay it out as {src}/<identity>/<image>.jpg or pass a "
                             f"list file.")
+        if not plain and os.path.isdir(src):  # identity folders without images are classes too, as in dataset=folder
+            writer.reserve(len(identity_folders(src)) - 1)
     return written, errors
 
 
@@ -123,6 +134,9 @@ def main(argv=None) -> int:
     try:
         if not os.path.exists(args.src):
             raise UserError(f"{args.src} does not exist: pass a folder of identity folders or a list file.")
+        if args.size < 1 or not 1 <= args.quality <= 100:
+            raise UserError(f"--size {args.size} --quality {args.quality}: the size must be at least 1 and the "
+                            f"quality from 1 to 100.")
         os.makedirs(args.out_dir, exist_ok=True)
         if os.path.exists(os.path.join(args.out_dir, "train.rec")) and not args.force:
             raise UserError(f"{args.out_dir}/train.rec already exists: pass --force to overwrite it.")

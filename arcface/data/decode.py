@@ -48,6 +48,9 @@ def decode_rgb(data: bytes) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as img:  # reads the header only
             _check_size(img.height, img.width)
+            if img.mode.startswith("I"):  # 16-bit grayscale: convert() would clip every value above 255 to white
+                gray = (np.asarray(img).astype(np.uint32) >> 8).clip(0, 255).astype(np.uint8)
+                return np.repeat(gray[..., None], 3, axis=2)
             return np.asarray(img.convert("RGB"))
     except ImageTooLarge:
         raise

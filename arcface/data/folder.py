@@ -12,10 +12,14 @@ from arcface.errors import UserError
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
+def identity_folders(root: str) -> list[str]:
+    """The identities' folder names in label order (sorted)."""
+    return sorted(e.name for e in os.scandir(root) if e.is_dir())
+
+
 def scan_folders(root: str, extensions: tuple[str, ...] = IMAGE_EXTENSIONS):
     """Yield (label, class name, sorted image paths) per identity folder, classes in sorted name order."""
-    classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
-    for label, name in enumerate(classes):
+    for label, name in enumerate(identity_folders(root)):
         folder = os.path.join(root, name)
         files = sorted(e.name for e in os.scandir(folder) if e.is_file() and e.name.lower().endswith(extensions))
         yield label, name, [os.path.join(folder, f) for f in files]

@@ -13,7 +13,7 @@ import struct
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Sequence, Union
+from typing import Callable, Iterator, Sequence, Union
 
 import numpy as np
 
@@ -403,13 +403,18 @@ class InsightFaceWriter:
         if label < len(self.ranges) - 1:
             raise ValueError(f"images must come grouped by label in increasing order; got label {label} after "
                              f"{len(self.ranges) - 1}")
-        while len(self.ranges) <= label:  # identities without images get empty ranges
-            self.ranges.append((self.next_key, self.next_key))
+        self.reserve(label)
         key = self.next_key
         self._writer.write(pack(IRHeader(0, float(label), key), data), key)
         self.ranges[label] = (self.ranges[label][0], key + 1)
         self.next_key += 1
         return key
+
+    def reserve(self, label: int) -> None:
+        """Give identity `label`, and every one before it, an identity record even if none of its images come:
+        identities without images get empty ranges, and still count as classes."""
+        while len(self.ranges) <= label:
+            self.ranges.append((self.next_key, self.next_key))
 
     def close(self) -> None:
         end = self.next_key
@@ -443,9 +448,14 @@ def read_layout(reader: RecordReader) -> Layout:
         payload = reader.read(0)
         header, data = reader.unpack_checked(payload, reader.offset_of(0), 0)
         if header.flag >= 2 and not data:
-            end, stop = (int(x) for x in header.label[:2])
-            if end > _FLOAT32_EXACT:
-                end, stop = _exact_bounds(reader, end)
+            read = tuple(int(x) for x in header.label[:2])
+            exact = _exact_bounds(*read, lambda key: key in reader.index and not unpack(reader.read(key))[1],
+                                  int(reader.index.keys.max()))
+            if exact is None:
+                raise UserError(f"the header record of {reader.rec_path} says images end near key {read[0]}, but no "
+                                f"identity record is there: the header is wrong; re-pack the images with "
+                                f"`python tools/pack_rec.py`.")
+            end, stop = exact
             keys = np.arange(1, end, dtype=np.int64)
             missing = _missing(index, keys)
             if missing is not None:
@@ -456,15 +466,18 @@ def read_layout(reader: RecordReader) -> Layout:
     return Layout(index.keys, insightface=False)
 
 
-def _exact_bounds(reader: RecordReader, end: int) -> tuple[int, int]:
-    """A float32 header label is exact only up to 2**24: above it, find the first identity record near `end` (the
-    first record without image bytes) and count identity records to the last key."""
+def _exact_bounds(end: int, stop: int, is_identity: Callable[[int], bool], last_key: int) -> tuple[int, int] | None:
+    """The header's (end, stop) as written, from the values read back (None if no identity record is near `end`).
+
+    Its label is float32, which holds every integer only up to 2**24: once `stop` (images + identities + 1) passes
+    that, either value may be rounded (2**24 + 1 reads as 2**24). Then the images end at the first identity record
+    (a record without image bytes) near `end`, and the identity records run to the last key.
+    """
+    if max(end, stop) < _FLOAT32_EXACT:
+        return end, stop
     spacing = int(np.spacing(np.float32(end)))
-    for key in range(end - spacing, end + spacing + 1):
-        if key in reader.index and not unpack(reader.read(key))[1]:
-            return key, int(reader.index.keys.max()) + 1
-    raise UserError(f"the header record of {reader.rec_path} says images end near key {end}, but no identity record "
-                    f"is there: the header is wrong; re-pack the images with `python tools/pack_rec.py`.")
+    first = next((key for key in range(end - spacing, end + spacing + 1) if is_identity(key)), None)
+    return None if first is None else (first, last_key + 1)
 
 
 def _missing(index: RecordIndex, keys: np.ndarray) -> int | None:
