@@ -23,7 +23,12 @@ from arcface.errors import exit_with_error
 
 log = logging.getLogger(__name__)
 
-REQUEUE_SIGNAL = signal.SIGUSR2  # what submitit asks SLURM to send before the time limit (`--signal=USR2@...`)
+
+
+def requeue_signal() -> signal.Signals:
+    """The signal submitit asks SLURM to send before the time limit (`--signal=USR2@...`), and handles by requeueing:
+    SIGUSR2 unless submitit's SUBMITIT_PREEMPT_SIGNAL names another."""
+    return signal.Signals.__members__.get("SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"), signal.SIGUSR2)
 
 
 def launch_rank() -> int:
@@ -71,8 +76,9 @@ def check_sweep(config: DictConfig) -> None:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     for override in OverridesParser.create().parse_overrides(list(config.hydra.overrides.task)):
-        key = override.get_key_element()
-        if override.is_sweep_override() and key.startswith(("cluster.", "hydra.launcher.")):
+        key = override.key_or_group
+        if override.is_sweep_override() and (key in ("cluster", "hydra/launcher")
+                                             or key.startswith(("cluster.", "hydra.launcher."))):
             exit_with_error(f"{override.input_line} sweeps a launcher setting, but one sweep has one launcher and "
                             f"every job would get the same {key}: run one sweep per value")
     target = OmegaConf.select(config, "hydra.launcher._target_", default="") or ""
@@ -91,9 +97,9 @@ def _slurm_unreachable() -> str | None:
     if shutil.which("scontrol") is None:  # nothing more to ask: sbatch will tell
         return None
     try:
-        ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=60)
+        ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=20)
     except subprocess.TimeoutExpired:
-        return "scontrol ping had no answer within 60 s"
+        return "scontrol ping had no answer within 20 s"
     if ping.returncode == 0:
         return None
     said = (ping.stderr.strip() or ping.stdout.strip()).splitlines()
@@ -101,7 +107,8 @@ def _slurm_unreachable() -> str | None:
 
 
 def submitit_requeue_handler(previous_handler):
-    """submitit's requeue handler when it is what `previous_handler` (the SIGUSR2 handler training replaced) is."""
+    """submitit's requeue handler when it is what `previous_handler` (the handler of requeue_signal() that training
+    replaced) is."""
     from submitit.core.job_environment import SignalHandler
 
     return previous_handler if isinstance(getattr(previous_handler, "__self__", None), SignalHandler) else None
@@ -111,4 +118,4 @@ def requeue(handler) -> None:
     """Let submitit requeue this job: on rank 0 it checkpoints the submitted call, runs `scontrol requeue` and
     raises SystemExit; when the requeues are used up it raises submitit's UncompletedJobError with the reason.
     On the other ranks it does nothing (SLURM ends and restarts every task of the job)."""
-    handler(REQUEUE_SIGNAL, None)
+    handler(requeue_signal(), None)

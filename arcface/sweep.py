@@ -19,14 +19,15 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from arcface.cluster import check_sweep
-from arcface.engine.tracking import experiment_id_of
+from arcface.engine.tracking import answered_within, experiment_id_of
 from arcface.engine.training_state import refuse_fresh_start_over
-from arcface.errors import UserError, exit_with_error
+from arcface.errors import UserError, exit_with_error, first_line
 
 log = logging.getLogger(__name__)
 
 PARENT_RUN_ENV = "ARCFACE_MLFLOW_PARENT_RUN"
 _MLFLOW_TRACKER = "arcface.engine.tracking.MLflowTracker"
+_STORE_TIMEOUT_S = 10  # the parent run is opened before any job is submitted: an absent store must not stall them
 
 
 class FreshStartGuard(Callback):
@@ -55,13 +56,18 @@ class SweepRuns(Callback):
         from mlflow import MlflowClient
 
         self._uri = tracking.uri
-        client = MlflowClient(self._uri)
-        experiment_id = experiment_id_of(client, tracking.experiment_name)
         sweep_dir = Path(str(config.hydra.sweep.dir))
-        overrides = " ".join(config.hydra.overrides.task)
-        run = client.create_run(experiment_id, run_name=f"sweep {sweep_dir.name}",
-                                tags={"arcface.sweep_dir": str(sweep_dir.resolve()), "hydra.overrides": overrides,
-                                      "arcface.launcher": str(config.hydra.launcher._target_).rsplit(".", 1)[-1]})
+        tags = {"arcface.sweep_dir": str(sweep_dir.resolve()), "hydra.overrides": " ".join(config.hydra.overrides.task),
+                "arcface.launcher": str(config.hydra.launcher._target_).rsplit(".", 1)[-1]}
+        try:
+            with answered_within(_STORE_TIMEOUT_S):
+                client = MlflowClient(self._uri)
+                experiment_id = experiment_id_of(client, tracking.experiment_name)
+                run = client.create_run(experiment_id, run_name=f"sweep {sweep_dir.name}", tags=tags)
+        except Exception as error:  # tracking never stops training: the jobs still track their own runs
+            log.warning("MLflow tracking at %s did not answer (%s): the sweep goes on without a parent run",
+                        self._uri, first_line(error))
+            return
         self.parent_run_id = run.info.run_id
         atexit.register(self._end, "FAILED")  # the sweep raised: a job failed (on_multirun_end never comes)
         log.info("MLflow parent run %s (%s) for the sweep in %s", self.parent_run_id, self._uri, sweep_dir)
@@ -81,7 +87,12 @@ class SweepRuns(Callback):
         self._ended = True
         from mlflow import MlflowClient
 
-        MlflowClient(self._uri).set_terminated(self.parent_run_id, status)
+        try:
+            with answered_within(_STORE_TIMEOUT_S):
+                MlflowClient(self._uri).set_terminated(self.parent_run_id, status)
+        except Exception as error:
+            log.warning("MLflow tracking at %s did not answer (%s): the sweep's parent run %s stays RUNNING",
+                        self._uri, first_line(error), self.parent_run_id)
 
 
 def git_commit() -> str | None:

@@ -20,7 +20,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from arcface.cluster import (REQUEUE_SIGNAL, register_resolvers, requeue, submitit_requeue_handler,
+from arcface.cluster import (register_resolvers, requeue, requeue_signal, submitit_requeue_handler,
                              warn_if_not_submitted)
 from arcface.compat import check_compat
 from arcface.config_checks import check_added_keys, check_config, check_group_choices
@@ -203,7 +203,11 @@ def train(cfg: DictConfig, stop_request: StopRequest) -> str | None:
         command = _resume_command(output_dir)
         tracker.set_tags({"arcface.stopped_at_step": trainer.step, "arcface.resume_command": command})
         tracker.end("KILLED")  # continued by the resumed job, which reopens this run
-        requeue_handler = submitit_requeue_handler(stop_request.previous_handler(REQUEUE_SIGNAL))
+        # Only submitit's own signal requeues (SLURM's warning before a time limit, or before the end of a
+        # preemption's grace time): a SIGTERM is scancel, or SLURM's final word after that warning.
+        sig = requeue_signal()
+        requeue_handler = (submitit_requeue_handler(stop_request.previous_handler(sig))
+                           if stop_request.signal_name == sig.name else None)
         if env.is_main:
             then = ("SLURM requeues the job, which resumes by itself" if requeue_handler is not None
                     else f"resume with: {command}")

@@ -108,6 +108,32 @@ def _wait_for(predicate, timeout_s: float, what: str, driver: subprocess.Popen, 
         time.sleep(1)
 
 
+def test_scancel_saves_and_ends_the_job_without_requeueing_it(slurm_cluster, tmp_path):
+    """scancel sends SIGTERM: the job saves its state and ends; only submitit's time-limit signal requeues (a
+    requeued job would keep the sweep waiting for its second run)."""
+    cmd = _sweep(tmp_path, "sqlite:///" + str(tmp_path / "mlflow.db"), "trainer.max_steps=100000",
+                 "trainer.num_epoch=100000", "trainer.save_every=0")
+    output = tmp_path / "driver.log"
+    sweep = tmp_path / "sweep"
+    with output.open("w") as sink:
+        driver = subprocess.Popen(cmd, cwd=tmp_path, stdout=sink, stderr=subprocess.STDOUT)
+    try:
+        def log() -> str:
+            jobs = _job_dirs(sweep) if sweep.is_dir() else []
+            return (jobs[0] / "train.log").read_text() if jobs and (jobs[0] / "train.log").is_file() else ""
+
+        _wait_for(lambda: re.search(r"step \d+/\d+  epoch", log()), 600, "steps in the job", driver, output)
+        [job] = [p.name for p in (sweep / ".submitit").iterdir() if re.fullmatch(r"\d+_\d+", p.name)]
+        subprocess.run(["scancel", job], check=True, timeout=30)
+        driver.wait(timeout=300)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            subprocess.run(["scancel", "--name=train"], timeout=30)  # leave no job behind on the shared cluster
+    assert driver.returncode != 0 and "stopped by SIGTERM" in log() and "resumed from" not in log(), log()[-3000:]
+    assert re.search(r"saved training state at step \d+", log())
+
+
 def test_signalled_jobs_are_requeued_and_continue_until_requeues_run_out(slurm_cluster, mlflow_server, tmp_path):
     """cluster.max_requeues=1: both jobs are signalled and requeued once, resume from their checkpoints in the same
     directories and MLflow runs; job 0 then finishes, job 1 is signalled again and ends FAILED with the reason."""

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -13,6 +15,7 @@ from omegaconf import OmegaConf
 
 from arcface.cluster import check_sweep, register_resolvers, warn_if_not_submitted
 from arcface.engine.tracking import flatten, settings
+from arcface.sweep import SweepRuns
 from conftest import REPO, TINY
 
 register_resolvers()
@@ -92,7 +95,8 @@ def test_slurm_sweep_without_slurm_is_one_sentence(monkeypatch, capsys, tmp_path
 def test_slurm_sweep_without_a_controller_is_one_sentence(monkeypatch, capsys, tmp_path):
     """sbatch is installed, but SLURM cannot be reached from here (no configuration): submitit would fail with a
     traceback after the sweep's MLflow parent run had started."""
-    monkeypatch.setenv("SLURM_CONF", str(tmp_path / "no-slurm.conf"))
+    (tmp_path / "slurm.conf").write_text("")  # names no cluster (a missing file makes scontrol retry for a minute)
+    monkeypatch.setenv("SLURM_CONF", str(tmp_path / "slurm.conf"))
     with pytest.raises(SystemExit) as exit_:
         check_sweep(_compose(["cluster=slurm"], hydra=True))
     assert exit_.value.code == 2
@@ -101,13 +105,31 @@ def test_slurm_sweep_without_a_controller_is_one_sentence(monkeypatch, capsys, t
                           "scontrol ping says: scontrol: ") and "\n" not in err, err
 
 
-def test_sweeping_a_launcher_setting_is_one_sentence(capsys):
+def test_a_sweep_goes_on_without_a_parent_run_when_the_tracking_server_is_down(caplog):
+    """Opening the parent run is the one tracking call made before the jobs are submitted: with MLflow's default
+    retries it stalled a sweep for 4 minutes; now it gives up after one try, with one warning."""
+    from cluster import free_loopback_port
+
+    uri = f"http://127.0.0.1:{free_loopback_port()}"  # nothing listens there
+    callback = SweepRuns()
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING):
+        callback.on_multirun_start(_compose([f"tracking.uri={uri}"], hydra=True))
+    assert callback.parent_run_id is None and time.monotonic() - started < 60
+    said = [r.getMessage() for r in caplog.records]
+    assert [line for line in said if line.startswith(f"MLflow tracking at {uri} did not answer")], said
+    assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ  # the jobs keep their own settings
+
+
+@pytest.mark.parametrize("sweep", ["cluster.nodes=1,2", "+cluster.sbatch.qos=high,low", "++cluster.timeout_min=10,20",
+                                   "cluster=local,slurm"])
+def test_sweeping_a_launcher_setting_is_one_sentence(capsys, sweep):
     cfg = _compose(["cluster=slurm"], hydra=True)
-    OmegaConf.update(cfg, "hydra.overrides.task", ["cluster=slurm", "cluster.nodes=1,2"])
+    OmegaConf.update(cfg, "hydra.overrides.task", ["cluster=slurm", sweep])
     with pytest.raises(SystemExit) as exit_:
         check_sweep(cfg)
     assert exit_.value.code == 2
-    assert capsys.readouterr().err.startswith("error: cluster.nodes=1,2 sweeps a launcher setting")
+    assert capsys.readouterr().err.startswith(f"error: {sweep} sweeps a launcher setting")
 
 
 @pytest.mark.cluster

@@ -18,6 +18,7 @@ refusal to open the run at all turns tracking off for the job.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -72,6 +73,23 @@ def settings(cfg) -> dict:
         else:
             out[key] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
     return out
+
+
+@contextlib.contextmanager
+def answered_within(seconds: float):
+    """MLflow HTTP requests made in this block fail after `seconds`, where its defaults retry for about 4 minutes
+    per call (it reads these variables at every request); the process's own settings come back afterwards."""
+    wanted = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(max(1, math.ceil(seconds)))}
+    saved = {key: os.environ.get(key) for key in wanted}
+    os.environ.update(wanted)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def experiment_id_of(client, name: str) -> str:
