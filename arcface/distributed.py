@@ -7,6 +7,7 @@ so single-process code paths need no special cases.
 from __future__ import annotations
 
 import os
+import random
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -27,12 +28,18 @@ class DistEnv:
 
 
 def _env_from_slurm() -> bool:
-    """Export torch.distributed variables from SLURM's when the job was started by srun/sbatch with tasks."""
+    """Export torch.distributed variables from SLURM's when the job was started by srun/sbatch with tasks (through
+    submitit or not); a MASTER_ADDR or MASTER_PORT the job script set is kept."""
     if "SLURM_PROCID" not in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) < 2:
         return False
-    from submitit.helpers import TorchDistributedEnvironment
+    from submitit.slurm.slurm import SlurmJobEnvironment
 
-    TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    job = SlurmJobEnvironment()
+    port = random.Random(job.job_id).randint(20000, 60000)  # the same on every task of the job
+    for key, value in {"MASTER_ADDR": job.hostnames[0], "MASTER_PORT": port, "RANK": job.global_rank,
+                       "WORLD_SIZE": job.num_tasks, "LOCAL_RANK": job.local_rank,
+                       "LOCAL_WORLD_SIZE": job.num_tasks // job.num_nodes}.items():
+        os.environ.setdefault(key, str(value))
     return True
 
 

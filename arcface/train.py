@@ -90,8 +90,16 @@ def _resume_command(run_dir: Path) -> str:
     """The command line that continues this run: the same program and overrides, this run dir, resume=auto."""
     overrides = [o for o in HydraConfig.get().overrides.task
                  if not o.startswith(("trainer.resume=", "hydra.run.dir="))]
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    nodes = int(os.environ.get("WORLD_SIZE", per_node)) // per_node
+    if "TORCHELASTIC_RUN_ID" in os.environ and nodes > 1:  # the same nodes again, each with its own NODE_RANK
+        return " ".join([f"NNODES={nodes} NODE_RANK=<0..{nodes - 1}, one per node> "
+                         f"MASTER_ADDR={os.environ.get('MASTER_ADDR', '<node 0>')} "
+                         f"MASTER_PORT={os.environ.get('MASTER_PORT', 29500)} RUN_DIR={shlex.quote(str(run_dir))} "
+                         f"launchers/torchrun_multinode.sh {per_node}", *map(shlex.quote, overrides),
+                         "trainer.resume=auto"])
     if "TORCHELASTIC_RUN_ID" in os.environ:
-        program = f"torchrun --nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', 1)} -m arcface.train"
+        program = f"torchrun --nproc_per_node={per_node} -m arcface.train"
     elif Path(sys.argv[0]).name == "arcface-train":
         program = "arcface-train"
     else:
@@ -209,7 +217,7 @@ def train(cfg: DictConfig, stop_request: StopRequest) -> str | None:
         requeue_handler = (submitit_requeue_handler(stop_request.previous_handler(sig))
                            if stop_request.signal_name == sig.name else None)
         if env.is_main:
-            then = ("SLURM requeues the job, which resumes by itself" if requeue_handler is not None
+            then = ("submitit requeues the job, which resumes by itself" if requeue_handler is not None
                     else f"resume with: {command}")
             print(f"stopped by {trainer.stopped_by} at step {trainer.step}/{trainer.total_steps} with its state "
                   f"saved in {output_dir / CHECKPOINT_NAME}; {then}", file=sys.stderr, flush=True)

@@ -76,8 +76,11 @@ done
 [[ "$port" =~ ^[0-9]+$ ]] || die "--port '$port' is not a port number."
 
 if running; then
+  uri=$(cat "$dir/uri" 2>/dev/null) ||
+    die "a server runs in $dir, but not its URI (DIR/uri): stop it (launchers/mlflow_server.sh stop $dir) and start \
+it again." 1
   echo "mlflow_server: already running in $dir." >&2
-  echo "export MLFLOW_TRACKING_URI=$(cat "$dir/uri")"
+  echo "export MLFLOW_TRACKING_URI=$uri"
   exit 0
 fi
 
@@ -143,7 +146,11 @@ fi
 
 mkdir -p "$dir"
 rm -f "$pgid_file"
+# Recorded before the server starts, so a start that gives up waiting for it still leaves the URI of what runs.
+echo "$uri" >"$dir/uri.tmp" && mv -f "$dir/uri.tmp" "$dir/uri"
 log=$dir/server.log
+# From DIR: the server imports nothing from the caller's folder (python -m puts it on sys.path).
+cd "$dir"
 # setsid: the server and its workers form one process group whose id is written first, so `stop` ends them all.
 setsid bash -c 'echo $$ >"$0"; exec "$@"' "$pgid_file" "$mlflow" "${args[@]}" >>"$log" 2>&1 </dev/null &
 for ((i = 0; i < 120; i++)); do
@@ -167,6 +174,5 @@ for ((i = 0; i < wait_s * 2; i++)); do
 done
 health 2>/dev/null ||
   die "no OK from $uri/health after ${wait_s}s; see $log (stop it: launchers/mlflow_server.sh stop $dir)." 1
-echo "$uri" >"$dir/uri.tmp" && mv -f "$dir/uri.tmp" "$dir/uri"
 echo "mlflow_server: serving $backend at $uri (artifacts in $dir/artifacts, log $log)." >&2
 echo "export MLFLOW_TRACKING_URI=$uri"

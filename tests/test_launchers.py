@@ -188,6 +188,21 @@ def test_mlflow_server_keeps_a_run_metric_and_served_artifact(mlflow_server, tmp
     assert open(fetched).read() == "served\n"
 
 
+@pytest.mark.cluster
+def test_mlflow_server_started_again_prints_the_uri_or_says_why_it_cannot(tmp_path):
+    """The URI is recorded before the server starts: a start that gave up waiting for /health leaves a running
+    server whose URI the next start prints; without the record it says what to do instead of printing nothing."""
+    folder = tmp_path / "server"
+    try:
+        uri = start_mlflow_server(folder, "--port", free_loopback_port())
+        assert start_mlflow_server(folder) == uri  # already running: the same server, whatever the options
+        (folder / "uri").unlink()
+        again = mlflow_server_sh("start", folder)
+        assert again.returncode == 1 and again.stdout == "" and "stop it" in again.stderr, again.stderr
+    finally:
+        stop_mlflow_server(folder)
+
+
 @pytest.mark.parametrize("password", [None, "short"])
 def test_mlflow_server_off_loopback_refuses_to_start_without_a_valid_admin_password(tmp_path, password):
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_AUTH_")}

@@ -14,7 +14,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from arcface.engine.training_state import read_classifier
-from conftest import TINY, error_line, run_train, train_here
+from conftest import TINY, compose_config, error_line, run_train, train_here
 
 EXIT_STOPPED = 75
 STEPS = 8
@@ -139,6 +139,22 @@ def test_starting_afresh_over_an_earlier_runs_checkpoint_is_refused(tmp_path):
         f"trainer.resume=auto, or start afresh in another directory (hydra.run.dir=...)")
     # Refused before Hydra writes the run's record (.hydra/, train.log): nothing in the directory changed.
     assert {path: path.read_bytes() for path in run.rglob("*") if path.is_file()} == before
+
+
+def test_the_resume_command_of_a_multi_node_run_starts_every_node_again(monkeypatch):
+    """torchrun on 2 nodes x 8: the printed command must bring back 16 ranks (one node alone is refused, having
+    another global batch), through launchers/torchrun_multinode.sh on each node."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from arcface.train import _resume_command
+
+    HydraConfig.instance().set_config(compose_config(["backbone=r50", "pfc.rate=0.3"], hydra=True))
+    for key, value in {"TORCHELASTIC_RUN_ID": "x", "WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8", "MASTER_ADDR": "ip0",
+                       "MASTER_PORT": "29501"}.items():
+        monkeypatch.setenv(key, value)
+    assert _resume_command(Path("/shared/runs/x")) == (
+        "NNODES=2 NODE_RANK=<0..1, one per node> MASTER_ADDR=ip0 MASTER_PORT=29501 RUN_DIR=/shared/runs/x "
+        "launchers/torchrun_multinode.sh 8 backbone=r50 pfc.rate=0.3 trainer.resume=auto")
 
 
 def test_resume_auto_without_a_checkpoint_says_so(tmp_path):

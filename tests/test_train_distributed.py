@@ -44,3 +44,21 @@ def test_two_ranks_train_a_backbone_with_a_parameter_training_never_uses(tmp_pat
     proc = _on_two_ranks(["experiment=demo_vit", *TINY, "tracking=none", "trainer.verify_at_end=false"], tmp_path)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0 and "step 3/3" in log, log[-3000:]
+
+
+def test_ranks_come_from_slurm_under_a_plain_srun(monkeypatch):
+    """`srun arcface-train` (no submitit): the tasks take rank, world size and master from SLURM's variables, and a
+    MASTER_PORT the job script exported is kept."""
+    from arcface.distributed import _env_from_slurm
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "SUBMITIT_EXECUTOR"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("MASTER_PORT", "29400")
+    for key, value in {"SLURM_JOB_ID": "4242", "SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_LOCALID": "1",
+                       "SLURM_NODEID": "1", "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_NODELIST": "gpu[07-08]"}.items():
+        monkeypatch.setenv(key, value)
+    assert _env_from_slurm()
+    assert {key: os.environ[key] for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+                                             "MASTER_PORT")} == {
+        "RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "gpu07",
+        "MASTER_PORT": "29400"}
