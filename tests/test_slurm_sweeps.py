@@ -123,15 +123,17 @@ def test_scancel_saves_and_ends_the_job_without_requeueing_it(slurm_cluster, tmp
             return (jobs[0] / "train.log").read_text() if jobs and (jobs[0] / "train.log").is_file() else ""
 
         _wait_for(lambda: re.search(r"step \d+/\d+  epoch", log()), 600, "steps in the job", driver, output)
-        [job] = [p.name for p in (sweep / ".submitit").iterdir() if re.fullmatch(r"\d+_\d+", p.name)]
+        [job] = [p.name for p in (sweep / ".submitit").iterdir() if re.fullmatch(r"\d+", p.name)]  # one job, no array
         subprocess.run(["scancel", job], check=True, timeout=30)
         driver.wait(timeout=300)
     finally:
         if driver.poll() is None:
             driver.kill()
             subprocess.run(["scancel", "--name=train"], timeout=30)  # leave no job behind on the shared cluster
-    assert driver.returncode != 0 and "stopped by SIGTERM" in log() and "resumed from" not in log(), log()[-3000:]
+    assert driver.returncode != 0 and "SIGTERM received" in log() and "resumed from" not in log(), log()[-3000:]
     assert re.search(r"saved training state at step \d+", log())
+    said = "".join(f.read_text() for f in (sweep / ".submitit" / job).glob("*_0_log.err"))  # rank 0's stderr
+    assert "stopped by SIGTERM" in said and "resume with: " in said and "requeues" not in said, said[-3000:]
 
 
 def test_signalled_jobs_are_requeued_and_continue_until_requeues_run_out(slurm_cluster, mlflow_server, tmp_path):
