@@ -2,6 +2,7 @@
 Partial FC sharded over both, requeue after SLURM's warning signal, and the MLflow UI showing the sweep."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -108,16 +109,27 @@ def _wait_for(predicate, timeout_s: float, what: str, driver: subprocess.Popen, 
         time.sleep(1)
 
 
+@contextlib.contextmanager
+def _running_sweep(cmd: list[str], tmp_path: Path):
+    """The sweep's driver process, the file of its output and the sweep dir; the driver is killed, and its jobs
+    cancelled, if it still runs when the block ends."""
+    output = tmp_path / "driver.log"
+    with output.open("w") as sink:
+        driver = subprocess.Popen(cmd, cwd=tmp_path, stdout=sink, stderr=subprocess.STDOUT)
+    try:
+        yield driver, output, tmp_path / "sweep"
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            subprocess.run(["scancel", "--name=train"], timeout=30)  # leave no job behind on the shared cluster
+
+
 def test_scancel_saves_and_ends_the_job_without_requeueing_it(slurm_cluster, tmp_path):
     """scancel sends SIGTERM: the job saves its state and ends; only submitit's time-limit signal requeues (a
     requeued job would keep the sweep waiting for its second run)."""
     cmd = _sweep(tmp_path, "sqlite:///" + str(tmp_path / "mlflow.db"), "trainer.max_steps=100000",
                  "trainer.num_epoch=100000", "trainer.save_every=0")
-    output = tmp_path / "driver.log"
-    sweep = tmp_path / "sweep"
-    with output.open("w") as sink:
-        driver = subprocess.Popen(cmd, cwd=tmp_path, stdout=sink, stderr=subprocess.STDOUT)
-    try:
+    with _running_sweep(cmd, tmp_path) as (driver, output, sweep):
         def log() -> str:
             jobs = _job_dirs(sweep) if sweep.is_dir() else []
             return (jobs[0] / "train.log").read_text() if jobs and (jobs[0] / "train.log").is_file() else ""
@@ -126,10 +138,6 @@ def test_scancel_saves_and_ends_the_job_without_requeueing_it(slurm_cluster, tmp
         [job] = [p.name for p in (sweep / ".submitit").iterdir() if re.fullmatch(r"\d+", p.name)]  # one job, no array
         subprocess.run(["scancel", job], check=True, timeout=30)
         driver.wait(timeout=300)
-    finally:
-        if driver.poll() is None:
-            driver.kill()
-            subprocess.run(["scancel", "--name=train"], timeout=30)  # leave no job behind on the shared cluster
     assert driver.returncode != 0 and "SIGTERM received" in log() and "resumed from" not in log(), log()[-3000:]
     assert re.search(r"saved training state at step \d+", log())
     said = "".join(f.read_text() for f in (sweep / ".submitit" / job).glob("*_0_log.err"))  # rank 0's stderr
@@ -143,11 +151,7 @@ def test_signalled_jobs_are_requeued_and_continue_until_requeues_run_out(slurm_c
     # cluster.timeout_min=10 (in JOB): submitit counts a signal as a time limit, not a preemption, in jobs this short.
     cmd = _sweep(tmp_path, mlflow_server, f"trainer.max_steps={total},100000", "trainer.num_epoch=100000",
                  "trainer.save_every=0", "cluster.max_requeues=1")
-    output = tmp_path / "driver.log"
-    sweep = tmp_path / "sweep"
-    with output.open("w") as sink:
-        driver = subprocess.Popen(cmd, cwd=tmp_path, stdout=sink, stderr=subprocess.STDOUT)
-    try:
+    with _running_sweep(cmd, tmp_path) as (driver, output, sweep):
         def logs() -> list[str]:
             files = [job / "train.log" for job in _job_dirs(sweep)] if sweep.is_dir() else []
             return [f.read_text() if f.is_file() else "" for f in files]
@@ -163,10 +167,6 @@ def test_signalled_jobs_are_requeued_and_continue_until_requeues_run_out(slurm_c
         _wait_for(lambda: "resumed from" in logs()[1] and stepping(logs()[1]), 600, "job 1 resumed", driver, output)
         subprocess.run(["scancel", "--signal=USR2", f"{array}_1"], check=True, timeout=30)
         driver.wait(timeout=900)
-    finally:
-        if driver.poll() is None:
-            driver.kill()
-            subprocess.run(["scancel", "--name=train"], timeout=30)  # leave no job behind on the shared cluster
     assert driver.returncode != 0, output.read_text()[-4000:]  # job 1 failed: the sweep reports a failure
     finished, failed = (job / "train.log" for job in _job_dirs(sweep))
     log = finished.read_text()
