@@ -24,7 +24,6 @@ from arcface.errors import exit_with_error
 log = logging.getLogger(__name__)
 
 
-
 def requeue_signal() -> signal.Signals:
     """The signal submitit asks SLURM to send before the time limit (`--signal=USR2@...`), and handles by requeueing:
     SIGUSR2 unless submitit's SUBMITIT_PREEMPT_SIGNAL names another."""

@@ -28,7 +28,7 @@ def first_line(error: BaseException, limit: int = 240) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-def gist(error: Exception) -> str:
+def _gist(error: Exception) -> str:
     """The exception's type and one sentence of its message: torch's messages run to paragraphs of advice."""
     line = re.search(r"Unsupported[^\n]*", str(error)) or re.search(r"[^\n]+", str(error))
     return f"{type(error).__name__}: {line.group(0).split('. ')[0] if line else 'no details'}"
@@ -42,4 +42,4 @@ def unloadable(path: Path, error: Exception) -> str:
         return "is empty (0 bytes)"
     if not zipfile.is_zipfile(path):  # what torch.save has written since torch 1.6
         return f"is not a complete torch.save archive ({size} bytes)"
-    return f"cannot be loaded ({size} bytes; {gist(error)})"
+    return f"cannot be loaded ({size} bytes; {_gist(error)})"

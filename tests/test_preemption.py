@@ -141,7 +141,7 @@ def test_starting_afresh_over_an_earlier_runs_checkpoint_is_refused(tmp_path):
     assert {path: path.read_bytes() for path in run.rglob("*") if path.is_file()} == before
 
 
-def test_the_resume_command_of_a_multi_node_run_starts_every_node_again(monkeypatch):
+def test_the_resume_command_of_a_multi_node_run_starts_every_node_again(monkeypatch, tmp_path):
     """torchrun on 2 nodes x 8: the printed command must bring back 16 ranks (one node alone is refused, having
     another global batch), through launchers/torchrun_multinode.sh on each node."""
     from hydra.core.hydra_config import HydraConfig
@@ -152,9 +152,9 @@ def test_the_resume_command_of_a_multi_node_run_starts_every_node_again(monkeypa
     for key, value in {"TORCHELASTIC_RUN_ID": "x", "WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8", "MASTER_ADDR": "ip0",
                        "MASTER_PORT": "29501"}.items():
         monkeypatch.setenv(key, value)
-    assert _resume_command(Path("/shared/runs/x")) == (
-        "NNODES=2 NODE_RANK=<0..1, one per node> MASTER_ADDR=ip0 MASTER_PORT=29501 RUN_DIR=/shared/runs/x "
-        "launchers/torchrun_multinode.sh 8 backbone=r50 pfc.rate=0.3 trainer.resume=auto")
+    assert _resume_command(tmp_path / "run") == (
+        f"NNODES=2 NODE_RANK=<0..1, one per node> MASTER_ADDR=ip0 MASTER_PORT=29501 RUN_DIR={tmp_path / 'run'} "
+        f"launchers/torchrun_multinode.sh 8 backbone=r50 pfc.rate=0.3 trainer.resume=auto")
 
 
 def test_resume_auto_without_a_checkpoint_says_so(tmp_path):

@@ -9,6 +9,7 @@ in parallel. Memory stays bounded: images stream through a few windows of work a
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from collections import deque
@@ -44,7 +45,7 @@ def list_items(list_file: str) -> Iterator[tuple[int, str]]:
             try:
                 value = float(label)
             except ValueError:
-                value = -1.0
+                value = math.nan
             if not (value.is_integer() and value >= 0):
                 raise UserError(f"{list_file} line {number} has label {label!r}, not a class number (0, 1, 2, ...): "
                                 f"fix it.")

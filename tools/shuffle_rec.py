@@ -2,7 +2,8 @@
 
 Image records are copied in a seeded random order under new keys 0..N-1 (labels kept); InsightFace header and
 identity records are left out, since a shuffled file has no per-identity key ranges. Records stream one at a time,
-so memory holds only the index, the image keys and their shuffled order (arrays of 8 bytes per image). The pair sets (*.bin) beside train.rec are not copied.
+so memory holds only the index, the image keys and their shuffled order (arrays of 8 bytes per image). The pair
+sets (*.bin) beside train.rec are not copied.
 """
 from __future__ import annotations
 

@@ -82,20 +82,6 @@ def decode_into(data: bytes, out: np.ndarray) -> None:
     out[...] = fit(decode_rgb(data), out.shape[0], out.shape[1])
 
 
-def image_size(data: bytes) -> tuple[int, int]:
-    """(height, width) of encoded image bytes, from the header only."""
-    if simplejpeg is not None and data[:3] == _JPEG_SOI:
-        try:
-            return simplejpeg.decode_jpeg_header(data)[:2]
-        except ValueError:
-            pass
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            return img.height, img.width
-    except (OSError, SyntaxError, ValueError) as e:
-        raise _undecodable(data, e) from None
-
-
 def encode_jpeg(image: np.ndarray, quality: int = 95) -> bytes:
     """uint8 (H, W, 3) RGB -> JPEG bytes."""
     if simplejpeg is not None:

@@ -258,8 +258,7 @@ class Trainer:
         self._check_flags(wait=True)
         if not self._weights_finite():
             raise Diverged(f"the weights or running statistics are not finite at step {self.step}, so no checkpoint "
-                           f"was written; "
-                           f"{self.last_checkpoint_note()}: start afresh with a lower optimizer.lr")
+                           f"was written; {self.last_checkpoint_note()}: start afresh with a lower optimizer.lr")
         streams = gather_objects(rng.capture(self.env.device, self._generators()))
         window_sum, window_steps = self._log_window
         extra = {"rng": streams, "skipped_steps": self.skipped_steps, "log_window": (float(window_sum), window_steps),
